@@ -1,0 +1,166 @@
+"""KL estimators, KL-in-reward shaping and the KL coefficient controllers.
+
+Estimators follow Schulman, "Approximating KL Divergence" (2020), with samples a ~ π (the
+policy) and ρ = π_ref(a) / π(a) per token, so that E_π[k] estimates KL(π ‖ π_ref):
+    k1 = −log ρ                 unbiased, high variance, can be negative
+    k2 = ½ (log ρ)²             biased, low variance, ≥ 0
+    k3 = (ρ − 1) − log ρ        unbiased, low variance, ≥ 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from posttrain.algos._checks import check_float, check_like, check_mask, check_rows, check_tensor
+from posttrain.algos.registry import Registry
+from posttrain.errors import ConfigError
+
+KLEstimator = Callable[[Tensor], Tensor]
+"""Maps log ρ = log π_ref − log π (any shape) to the per-token estimate (same shape)."""
+
+KL_ESTIMATORS: Registry[KLEstimator] = Registry("KL estimator")
+
+
+@KL_ESTIMATORS.register("k1")
+def _k1(log_ratio: Tensor) -> Tensor:
+    return -log_ratio
+
+
+@KL_ESTIMATORS.register("k2")
+def _k2(log_ratio: Tensor) -> Tensor:
+    return 0.5 * log_ratio**2
+
+
+@KL_ESTIMATORS.register("k3")
+def _k3(log_ratio: Tensor) -> Tensor:
+    # expm1 keeps (ρ − 1) exact for ρ near 1, where the estimator is most used.
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token KL(π ‖ π_ref) estimate.
+
+    Args:
+        logp: (B, T) log π(a_t|s_t) of the sampled tokens (the policy, or π_old for rewards).
+        ref_logp: (B, T) log π_ref(a_t|s_t) of the same tokens.
+        estimator: "k1", "k2" or "k3".
+
+    Returns:
+        (B, T) estimate; gradients flow through `logp` (use it in the loss for KL-in-loss).
+    """
+    logp = check_tensor("logp", logp)
+    check_float("logp", logp)
+    ref_logp = check_like("ref_logp", ref_logp, "logp", logp)
+    return KL_ESTIMATORS.get(estimator)(ref_logp - logp)
+
+
+def kl_penalized_rewards(
+    scores: Tensor, kl: Tensor, response_mask: Tensor, beta: float
+) -> Tensor:
+    """Token rewards with the KL penalty in the reward (InstructGPT; Ziegler et al. 2019).
+
+        r_t = −β·KL_t for t < T,   r_T = R(x, y) − β·KL_T
+
+    Args:
+        scores: (B,) sequence reward R(x, y).
+        kl: (B, T) per-token KL_t, normally k1 of π_old against π_ref (detached).
+        response_mask: (B, T) True on real response tokens. The score goes to the last True
+            position of each row; a row with no True position gets no reward at all.
+        beta: the KL coefficient β.
+
+    Returns:
+        (B, T) token rewards, 0 where `response_mask` is False.
+    """
+    kl = check_tensor("kl", kl, ndim=2)
+    check_float("kl", kl)
+    m = check_mask("response_mask", response_mask, "kl", kl)
+    scores = check_rows("scores", scores, "kl", kl).to(kl.dtype)
+    rewards = -beta * kl * m
+    return add_score_at_last_token(rewards, scores, m)
+
+
+def add_score_at_last_token(rewards: Tensor, scores: Tensor, response_mask: Tensor) -> Tensor:
+    """`rewards` (B, T) with `scores` (B,) added at each row's last True mask position."""
+    m = response_mask.to(rewards.dtype)
+    positions = torch.arange(m.shape[1], device=m.device, dtype=rewards.dtype)
+    last = (positions * m).argmax(dim=1, keepdim=True)
+    has_token = m.sum(dim=1, keepdim=True) > 0
+    bonus = torch.zeros_like(rewards).scatter(1, last, scores[:, None].to(rewards.dtype))
+    return rewards + bonus * has_token
+
+
+class FixedKLController:
+    """A constant β."""
+
+    def __init__(self, beta: float) -> None:
+        if beta < 0:
+            raise ConfigError(f"KL coefficient must be >= 0, got {beta}")
+        self.value = float(beta)
+
+    def update(self, current_kl: float, n_samples: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Proportional controller of Ziegler et al. (2019), eq. (2):
+
+        e = clip(KL / KL_target − 1, −0.2, 0.2),   β ← β · (1 + e · n / horizon)
+
+    with n the number of samples of this step. β is chosen by the KL you want, not by hand.
+    """
+
+    def __init__(self, beta: float, target: float, horizon: float = 10000.0) -> None:
+        super().__init__(beta)
+        if target <= 0 or horizon <= 0:
+            raise ConfigError(f"KL target and horizon must be > 0, got {target}, {horizon}")
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_samples: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_samples / self.horizon
+        return self.value
+
+
+class PPOAdaptiveKLController(FixedKLController):
+    """The rule of the PPO paper (Schulman et al. 2017, section 4):
+
+        KL < KL_target / 1.5 → β ← β / 2;   KL > KL_target · 1.5 → β ← β · 2
+    """
+
+    def __init__(self, beta: float, target: float) -> None:
+        super().__init__(beta)
+        if target <= 0:
+            raise ConfigError(f"KL target must be > 0, got {target}")
+        self.target = float(target)
+
+    def update(self, current_kl: float, n_samples: int) -> float:
+        if current_kl < self.target / 1.5:
+            self.value /= 2.0
+        elif current_kl > self.target * 1.5:
+            self.value *= 2.0
+        return self.value
+
+
+def make_kl_controller(
+    kind: str, beta: float, target: float | None = None, horizon: float = 10000.0
+) -> FixedKLController:
+    """`kind` is "fixed", "adaptive" (proportional) or "ppo_adaptive"."""
+    if kind == "fixed":
+        return FixedKLController(beta)
+    if target is None:
+        raise ConfigError(f"the {kind!r} KL controller needs a KL target (`kl_target`)")
+    if kind == "adaptive":
+        return AdaptiveKLController(beta, target, horizon)
+    if kind == "ppo_adaptive":
+        return PPOAdaptiveKLController(beta, target)
+    raise ConfigError(f"unknown KL controller {kind!r}; choose fixed, adaptive or ppo_adaptive")

@@ -1,0 +1,34 @@
+# The two set-up commands of the README: `make quickstart` and `make test`.
+# Each creates the virtual environment on first use. torch is installed first, pinned, so that
+# a machine without a GPU gets the CPU build and never a multi-GB CUDA wheel; override with
+# `make test TORCH_VERSION=...` or point pip at another index for CUDA builds.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.posttrain-installed
+
+.PHONY: quickstart test test-all lint clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/posttrain quickstart
+
+test: $(STAMP)
+	$(PY) -m ruff check posttrain tests
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check posttrain tests
+
+clean-venv:
+	rm -rf $(VENV)

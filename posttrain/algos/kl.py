@@ -78,16 +78,18 @@ def kl_penalized_rewards(
     check_float("kl", kl)
     m = check_mask("response_mask", response_mask, "kl", kl)
     scores = check_rows("scores", scores, "kl", kl).to(kl.dtype)
-    rewards = -beta * kl * m
+    # where, not a product: a NaN or inf KL at a padding position must not leak.
+    rewards = torch.where(m != 0, -beta * kl, torch.zeros_like(kl))
     return add_score_at_last_token(rewards, scores, m)
 
 
 def add_score_at_last_token(rewards: Tensor, scores: Tensor, response_mask: Tensor) -> Tensor:
     """`rewards` (B, T) with `scores` (B,) added at each row's last True mask position."""
-    m = response_mask.to(rewards.dtype)
-    positions = torch.arange(m.shape[1], device=m.device, dtype=rewards.dtype)
-    last = (positions * m).argmax(dim=1, keepdim=True)
-    has_token = m.sum(dim=1, keepdim=True) > 0
+    counts = response_mask != 0
+    # Integer positions: bf16 holds integers exactly only up to 256.
+    positions = torch.arange(counts.shape[1], device=counts.device)
+    last = (positions * counts).argmax(dim=1, keepdim=True)
+    has_token = counts.any(dim=1, keepdim=True)
     bonus = torch.zeros_like(rewards).scatter(1, last, scores[:, None].to(rewards.dtype))
     return rewards + bonus * has_token
 
@@ -155,12 +157,14 @@ def make_kl_controller(
     kind: str, beta: float, target: float | None = None, horizon: float = 10000.0
 ) -> FixedKLController:
     """`kind` is "fixed", "adaptive" (proportional) or "ppo_adaptive"."""
+    if kind not in ("fixed", "adaptive", "ppo_adaptive"):
+        raise ConfigError(
+            f"unknown KL controller {kind!r}; choose fixed, adaptive or ppo_adaptive"
+        )
     if kind == "fixed":
         return FixedKLController(beta)
     if target is None:
         raise ConfigError(f"the {kind!r} KL controller needs a KL target (`kl_target`)")
     if kind == "adaptive":
         return AdaptiveKLController(beta, target, horizon)
-    if kind == "ppo_adaptive":
-        return PPOAdaptiveKLController(beta, target)
-    raise ConfigError(f"unknown KL controller {kind!r}; choose fixed, adaptive or ppo_adaptive")
+    return PPOAdaptiveKLController(beta, target)

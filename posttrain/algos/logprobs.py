@@ -46,8 +46,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             lse = torch.logsumexp(z, dim=-1)
             logp[s : s + chunk_rows] = z.gather(-1, labels[s : s + chunk_rows, None])[:, 0] - lse
             if with_entropy:
-                p = torch.exp(z - lse[:, None])
-                ent[s : s + chunk_rows] = lse - (p * z).sum(-1)
+                # −Σ p·log p, not lse − Σ p·z: the latter cancels digits for large logits.
+                log_p = z - lse[:, None]
+                ent[s : s + chunk_rows] = -(log_p.exp() * log_p).sum(-1)
         ctx.save_for_backward(logits, labels, ent)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows

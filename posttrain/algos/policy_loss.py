@@ -146,6 +146,8 @@ def value_loss(
 def explained_variance(values: Tensor, returns: Tensor, response_mask: Tensor) -> Tensor:
     """1 − Var(Ret − V) / Var(Ret) over the masked tokens (1 is perfect, 0 is a constant
     predictor, negative is worse than a constant). NaN when the returns have no variance."""
+    values = check_tensor("values", values, ndim=2)
+    returns = check_like("returns", returns, "values", values)
     m = check_mask("response_mask", response_mask, "values", values)
     var_ret = masked_var(returns, m)
     return 1.0 - masked_var(returns - values, m) / var_ret

@@ -132,6 +132,8 @@ def dpo_loss(
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     b_pos = beta if beta_chosen is None else beta_chosen
     b_neg = beta if beta_rejected is None else beta_rejected
+    if b_pos <= 0 or b_neg <= 0:
+        raise ConfigError(f"beta_chosen and beta_rejected must be > 0, got {b_pos}, {b_neg}")
     chosen_logratio = pc - rc
     rejected_logratio = pr - rr
     chosen_rewards = b_pos * chosen_logratio

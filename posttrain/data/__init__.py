@@ -1,0 +1,1 @@
+"""Records -> validated examples -> token batches."""

@@ -1,0 +1,317 @@
+"""Tokenisation, truncation, padding and micro-batching by a token budget.
+
+String prompts and completions are tokenised as they are (the completion ends with EOS);
+conversational ones (lists of messages) are rendered with the tokenizer's own chat template,
+and only the assistant's tokens receive loss.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from posttrain.data.formats import Example, Text
+from posttrain.errors import ConfigError, DataError
+
+SIDES = ("left", "right")
+OVERFLOW = ("truncate", "drop", "error")
+
+
+@dataclass(frozen=True)
+class TruncationPolicy:
+    """What to do with prompts and completions longer than the limits.
+
+    `prompt_side="left"` cuts the start of a long prompt and keeps its end (the part next to
+    the response); `completion_side="right"` keeps the start of a long completion.
+    `on_overflow`: "truncate", "drop" the example (counted), or raise an "error".
+    """
+
+    max_prompt_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    prompt_side: str = "left"
+    completion_side: str = "right"
+    on_overflow: str = "truncate"
+
+    def __post_init__(self) -> None:
+        if self.prompt_side not in SIDES or self.completion_side not in SIDES:
+            raise ConfigError(f"truncation sides must be one of {SIDES}")
+        if self.on_overflow not in OVERFLOW:
+            raise ConfigError(
+                f"on_overflow {self.on_overflow!r} is not one of {', '.join(OVERFLOW)}"
+            )
+        for name in ("max_prompt_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or null, got {value}")
+
+
+@dataclass
+class TokenStats:
+    """Counts of what truncation did, for the log."""
+
+    counts: Counter = field(default_factory=Counter)
+
+    def add(self, key: str) -> None:
+        self.counts[key] += 1
+
+
+class _Dropped(Exception):
+    pass
+
+
+def _fit(ids: list[int], limit: int | None, side: str, policy: TruncationPolicy, what: str,
+         where: str, stats: TokenStats) -> list[int]:
+    if limit is None or len(ids) <= limit:
+        return ids
+    if policy.on_overflow == "error":
+        raise DataError(
+            f"{where}: the {what} has {len(ids)} tokens, more than the limit of {limit}; raise "
+            f"max_{what}_tokens or set on_overflow to 'truncate' or 'drop'"
+        )
+    if policy.on_overflow == "drop":
+        stats.add(f"dropped_long_{what}")
+        raise _Dropped
+    stats.add(f"truncated_{what}")
+    return ids[-limit:] if side == "left" else ids[:limit]
+
+
+def _ids(encoded) -> list[int]:
+    # apply_chat_template returns a list, or a BatchEncoding in newer transformers.
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        encoded = encoded["input_ids"]
+    return list(encoded)
+
+
+def encode_prompt(prompt: Text, tokenizer) -> list[int]:
+    """Token ids of a prompt; a message list gets the chat template and an open assistant turn."""
+    if isinstance(prompt, list):
+        return _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                  tokenize=True))
+    return list(tokenizer(prompt).input_ids)
+
+
+def encode_prompt_completion(prompt: Text, completion: Text, tokenizer,
+                             where: str = "") -> tuple[list[int], list[int]]:
+    """`(prompt_ids, completion_ids)` such that their concatenation is the full text.
+
+    A string completion is followed by EOS, so the model learns to stop. A conversational one
+    is rendered by the chat template, which closes the turn itself.
+    """
+    prompt_ids = encode_prompt(prompt, tokenizer)
+    if isinstance(prompt, list) != isinstance(completion, list):
+        raise DataError(f"{where}: prompt and completion must both be strings or both messages")
+    if isinstance(completion, list):
+        full = _ids(tokenizer.apply_chat_template(prompt + completion, tokenize=True))
+        if full[: len(prompt_ids)] != prompt_ids:
+            raise DataError(
+                f"{where}: the tokenizer's chat template renders the prompt differently on its "
+                "own and inside the conversation, so the completion cannot be separated"
+            )
+        return prompt_ids, full[len(prompt_ids):]
+    completion_ids = list(tokenizer(completion, add_special_tokens=False).input_ids)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no EOS token; set `eos_token` in its config")
+    return prompt_ids, [*completion_ids, tokenizer.eos_token_id]
+
+
+def encode_messages(messages: list[dict[str, str]], tokenizer,
+                    where: str = "") -> tuple[list[int], list[bool]]:
+    """Ids of a whole conversation and a mask that is True on the assistants' tokens."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _ids(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True,
+                                                    tokenize=True)) if i else []
+        upto = _ids(tokenizer.apply_chat_template(messages[: i + 1], tokenize=True))
+        if upto[: len(ids)] != ids or before[: len(ids)] != ids:
+            raise DataError(f"{where}: the chat template is not prefix-stable at message {i}")
+        mask += [False] * (len(before) - len(ids)) + [True] * (len(upto) - len(before))
+        ids = upto
+    full = _ids(tokenizer.apply_chat_template(messages, tokenize=True))
+    if full[: len(ids)] != ids:
+        raise DataError(f"{where}: the chat template is not prefix-stable")
+    mask += [False] * (len(full) - len(ids))
+    if not any(mask):
+        raise DataError(f"{where}: field 'messages': no assistant message to learn from")
+    return full, mask
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """A training sequence. `loss_mask[i]` is True when token i is a target."""
+
+    input_ids: list[int]
+    loss_mask: list[bool]
+    where: str
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A preference pair sharing one prompt."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    where: str
+
+
+def tokenize_sft(examples: Sequence[Example], tokenizer, policy: TruncationPolicy | None = None,
+                 stats: TokenStats | None = None) -> list[TokenizedExample]:
+    """`completion`, `messages` and `text` examples -> sequences with completion-only masks."""
+    policy = policy or TruncationPolicy()
+    stats = stats if stats is not None else TokenStats()
+    out = []
+    for ex in examples:
+        try:
+            if ex.kind == "completion":
+                p, c = encode_prompt_completion(ex.prompt, ex.completion, tokenizer, ex.where)
+                p = _fit(p, policy.max_prompt_tokens, policy.prompt_side, policy, "prompt",
+                         ex.where, stats)
+                c = _fit(c, policy.max_completion_tokens, policy.completion_side, policy,
+                         "completion", ex.where, stats)
+                out.append(TokenizedExample(p + c, [False] * len(p) + [True] * len(c), ex.where))
+            elif ex.kind == "messages":
+                ids, mask = encode_messages(ex.messages, tokenizer, ex.where)
+                limit = _sum_limits(policy)
+                ids = _fit(ids, limit, "right", policy, "completion", ex.where, stats)
+                out.append(TokenizedExample(ids, mask[: len(ids)], ex.where))
+            elif ex.kind == "text":
+                ids = [*tokenizer(ex.text).input_ids, tokenizer.eos_token_id]
+                ids = _fit(ids, _sum_limits(policy), "right", policy, "completion", ex.where,
+                           stats)
+                out.append(TokenizedExample(ids, [True] * len(ids), ex.where))
+            else:
+                raise DataError(
+                    f"{ex.where}: a {ex.kind!r} record cannot be used for supervised training; "
+                    "give prompt+completion, messages or text"
+                )
+        except _Dropped:
+            continue
+    return out
+
+
+def _sum_limits(policy: TruncationPolicy) -> int | None:
+    if policy.max_prompt_tokens is None or policy.max_completion_tokens is None:
+        return None
+    return policy.max_prompt_tokens + policy.max_completion_tokens
+
+
+def tokenize_prompts(examples: Sequence[Example], tokenizer,
+                     policy: TruncationPolicy | None = None,
+                     stats: TokenStats | None = None) -> list[tuple[list[int], Example]]:
+    """Prompts for generation (any kind with a prompt), paired with their examples."""
+    policy = policy or TruncationPolicy()
+    stats = stats if stats is not None else TokenStats()
+    out = []
+    for ex in examples:
+        if ex.prompt is None:
+            raise DataError(f"{ex.where}: needs a 'prompt' field for generation")
+        try:
+            ids = _fit(encode_prompt(ex.prompt, tokenizer), policy.max_prompt_tokens,
+                       policy.prompt_side, policy, "prompt", ex.where, stats)
+        except _Dropped:
+            continue
+        out.append((ids, ex))
+    return out
+
+
+def tokenize_preferences(examples: Sequence[Example], tokenizer,
+                         policy: TruncationPolicy | None = None,
+                         stats: TokenStats | None = None) -> list[TokenizedPair]:
+    """`preference` examples -> prompt, chosen and rejected ids (each completion ends with EOS)."""
+    policy = policy or TruncationPolicy()
+    stats = stats if stats is not None else TokenStats()
+    out = []
+    for ex in examples:
+        if ex.kind != "preference":
+            raise DataError(
+                f"{ex.where}: expected prompt+chosen+rejected, got a {ex.kind!r} record"
+            )
+        try:
+            p, c = encode_prompt_completion(ex.prompt, ex.chosen, tokenizer, ex.where)
+            _, r = encode_prompt_completion(ex.prompt, ex.rejected, tokenizer, ex.where)
+            p = _fit(p, policy.max_prompt_tokens, policy.prompt_side, policy, "prompt",
+                     ex.where, stats)
+            c = _fit(c, policy.max_completion_tokens, policy.completion_side, policy,
+                     "completion", ex.where, stats)
+            r = _fit(r, policy.max_completion_tokens, policy.completion_side, policy,
+                     "completion", ex.where, stats)
+        except _Dropped:
+            continue
+        out.append(TokenizedPair(p, c, r, ex.where))
+    return out
+
+
+def pad(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right",
+        dtype: torch.dtype = torch.long) -> Tensor:
+    """(B, L) tensor of the sequences padded to the longest with `pad_value`."""
+    if side not in SIDES:
+        raise ConfigError(f"padding side must be one of {SIDES}, got {side!r}")
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), pad_value, dtype=dtype)
+    for i, s in enumerate(seqs):
+        if len(s):
+            row = torch.as_tensor(list(s), dtype=dtype)
+            if side == "right":
+                out[i, : len(s)] = row
+            else:
+                out[i, width - len(s):] = row
+    return out
+
+
+def collate_sequences(batch: Sequence[TokenizedExample], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded `input_ids`, `attention_mask` and `loss_mask`, each (B, L)."""
+    return {
+        "input_ids": pad([b.input_ids for b in batch], pad_id),
+        "attention_mask": pad([[1] * len(b.input_ids) for b in batch], 0).bool(),
+        "loss_mask": pad([b.loss_mask for b in batch], 0).bool(),
+    }
+
+
+def collate_pairs(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tensor]:
+    """Chosen rows then rejected rows in one (2B, L) batch, so both go through one forward.
+
+    `loss_mask` marks the completion tokens whose log-probs make the sequence log-prob.
+    """
+    seqs = [TokenizedExample(b.prompt_ids + b.chosen_ids,
+                             [False] * len(b.prompt_ids) + [True] * len(b.chosen_ids), b.where)
+            for b in batch]
+    seqs += [TokenizedExample(b.prompt_ids + b.rejected_ids,
+                              [False] * len(b.prompt_ids) + [True] * len(b.rejected_ids), b.where)
+             for b in batch]
+    return collate_sequences(seqs, pad_id)
+
+
+def micro_batches_by_tokens(lengths: Sequence[int], max_tokens: int,
+                            max_rows: int | None = None) -> list[list[int]]:
+    """Group indices into micro-batches whose padded size rows x longest <= `max_tokens`.
+
+    Sequences are taken longest first (first-fit decreasing), which keeps padding small; each
+    micro-batch lists its indices in ascending order. A sequence longer than `max_tokens` gets
+    a micro-batch of its own. Results do not depend on how a batch is split as long as the
+    loss is normalised by the whole step's counts (`aggregate_loss(num_tokens=...)`).
+    """
+    if max_tokens < 1:
+        raise ConfigError(f"micro_batch_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        width = max(longest, lengths[i])
+        full = max_rows is not None and len(current) >= max_rows
+        if current and ((len(current) + 1) * width > max_tokens or full):
+            batches.append(sorted(current))
+            current, longest = [], 0
+            width = lengths[i]
+        current.append(i)
+        longest = width
+    if current:
+        batches.append(sorted(current))
+    return batches

@@ -1,0 +1,147 @@
+"""The record kinds posttrain reads, with the column names TRL uses, and their validation.
+
+| kind         | columns                                   | used by          |
+|--------------|-------------------------------------------|------------------|
+| `prompt`     | prompt (+ any extra columns, e.g. answer) | RL               |
+| `preference` | prompt, chosen, rejected                  | reward model, DPO|
+| `completion` | prompt, completion                        | SFT              |
+| `messages`   | messages                                  | SFT              |
+| `text`       | text                                      | SFT, PPO-ptx     |
+
+`prompt`, `chosen`, `rejected` and `completion` are either strings (standard) or lists of
+`{"role", "content"}` messages (conversational, rendered with the tokenizer's chat template).
+Every error names where the record came from (file and line, or row) and the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.errors import DataError
+
+KINDS = ("prompt", "preference", "completion", "messages", "text")
+ROLES = ("system", "user", "assistant", "tool")
+
+Text = str | list[dict[str, str]]
+"""A string, or a list of chat messages."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One validated record.
+
+    `where` says where it came from ("data/train.jsonl line 7"), for later error messages.
+    `extra` holds every other column (e.g. `answer`), passed to reward functions by name.
+    """
+
+    kind: str
+    where: str
+    prompt: Text | None = None
+    completion: Text | None = None
+    chosen: Text | None = None
+    rejected: Text | None = None
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REQUIRED = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text": ("text",),
+    "prompt": ("prompt",),
+}
+
+
+def detect_kind(columns: Iterable[str]) -> str:
+    """The kind of a record from its columns (most specific first)."""
+    cols = set(columns)
+    for kind in ("preference", "completion", "messages", "text", "prompt"):
+        if set(_REQUIRED[kind]) <= cols:
+            return kind
+    raise DataError(
+        f"cannot tell the record kind from the columns {sorted(cols)}; expected one of: "
+        "prompt+chosen+rejected, prompt+completion, messages, text, prompt"
+    )
+
+
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_messages(value: object, where: str, name: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{where}: field '{name}': expected a non-empty list of messages "
+            f"{{'role': ..., 'content': ...}}, got {_type_name(value)}"
+        )
+    for i, msg in enumerate(value):
+        if not isinstance(msg, Mapping) or "role" not in msg or "content" not in msg:
+            raise DataError(
+                f"{where}: field '{name}[{i}]': expected a message with 'role' and 'content', "
+                f"got {msg!r:.80}"
+            )
+        if msg["role"] not in ROLES:
+            raise DataError(
+                f"{where}: field '{name}[{i}].role': {msg['role']!r} is not one of {ROLES}"
+            )
+        if not isinstance(msg["content"], str):
+            raise DataError(
+                f"{where}: field '{name}[{i}].content': expected a string, "
+                f"got {_type_name(msg['content'])}"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_text(value: object, where: str, name: str, allow_messages: bool = True) -> Text:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field '{name}': is empty; give a non-empty string")
+        return value
+    if allow_messages and isinstance(value, list):
+        return _check_messages(value, where, name)
+    expected = "a string or a list of messages" if allow_messages else "a string"
+    raise DataError(f"{where}: field '{name}': expected {expected}, got {_type_name(value)}")
+
+
+def validate_record(record: object, where: str, kind: str | None = None) -> Example:
+    """Check one record and return it as an `Example`.
+
+    Args:
+        record: the parsed record (a mapping of column -> value).
+        where: where it came from, e.g. "train.jsonl line 3".
+        kind: the kind the caller needs; None to detect it from the columns.
+    """
+    if not isinstance(record, Mapping):
+        raise DataError(f"{where}: expected an object with named fields, got {_type_name(record)}")
+    if kind is None:
+        try:
+            kind = detect_kind(record.keys())
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
+    elif kind not in KINDS:
+        raise DataError(f"unknown record kind {kind!r}; choose one of {', '.join(KINDS)}")
+    missing = [c for c in _REQUIRED[kind] if c not in record]
+    if missing:
+        raise DataError(
+            f"{where}: missing field '{missing[0]}' (a {kind!r} record needs "
+            f"{', '.join(_REQUIRED[kind])}; it has {', '.join(sorted(record)) or 'nothing'})"
+        )
+    extra = {k: v for k, v in record.items() if k not in _REQUIRED[kind]}
+    if kind == "messages":
+        return Example(kind, where, messages=_check_messages(record["messages"], where,
+                                                             "messages"), extra=extra)
+    if kind == "text":
+        text = _check_text(record["text"], where, "text", allow_messages=False)
+        return Example(kind, where, text=text, extra=extra)
+    fields = {c: _check_text(record[c], where, c) for c in _REQUIRED[kind]}
+    shapes = {c: isinstance(v, list) for c, v in fields.items()}
+    if kind != "prompt" and len(set(shapes.values())) > 1:
+        raise DataError(
+            f"{where}: fields {', '.join(fields)} mix strings and message lists; "
+            "use strings for all of them or message lists for all of them"
+        )
+    return Example(kind, where, extra=extra, **fields)

@@ -1,0 +1,1 @@
+"""Loading and wrapping Hugging Face models: policy, reference, reward model, critic."""

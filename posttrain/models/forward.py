@@ -1,0 +1,85 @@
+"""Forward passes that turn models into the tensors the algorithms need.
+
+Layout of a rollout batch: `input_ids (B, P+T)` is the prompt, left-padded to P, followed by
+the response, right-padded to T. Position ids are counted over real tokens only, as
+`generate` does, so a forward pass here reproduces the log-probs of generation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from posttrain.algos import token_logprobs, token_logprobs_and_entropy
+from posttrain.models.load import backbone, value_head
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, L) positions 0, 1, ... over the real tokens (padding gets position 0... as in HF)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)
+
+
+def response_logprobs(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_len: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log π(a_t | s_t) of the last `response_len` tokens of every row, and their entropy.
+
+    Args:
+        input_ids: (B, P+T) prompt then response.
+        attention_mask: (B, P+T) True on real tokens.
+        response_len: T.
+
+    Returns:
+        (B, T) log-probs and (B, T) entropy (None unless `with_entropy`). Only the T logits
+        that score response tokens are computed (`logits_to_keep`), never the prompt's.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask), logits_to_keep=response_len + 1,
+                use_cache=False)
+    logits = out.logits[:, :-1]  # position P+t-1 scores token P+t
+    labels = input_ids[:, -response_len:]
+    if with_entropy:
+        return token_logprobs_and_entropy(logits, labels, temperature)
+    return token_logprobs(logits, labels, temperature), None
+
+
+def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                      loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of right-padded sequences: `(logp (B, L-1), mask (B, L-1))` where
+    `logp[:, i]` is log π(input_ids[:, i+1] | ...) and `mask = loss_mask[:, 1:]`."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask), use_cache=False)
+    logp = token_logprobs(out.logits[:, :-1], input_ids[:, 1:])
+    return logp, loss_mask[:, 1:]
+
+
+def token_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The scalar head read at every position, (B, L), float32 or wider."""
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids(attention_mask),
+                             use_cache=False).last_hidden_state
+    values = value_head(model)(hidden).squeeze(-1)
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
+def response_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                    response_len: int) -> Tensor:
+    """V(s_t) for every response token t, (B, T): read at the position before a_t, whose
+    hidden state has seen exactly s_t = (x, a_<t)."""
+    return token_values(model, input_ids, attention_mask)[:, -response_len - 1 : -1]
+
+
+def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Reward-model score R(x, y), (B,), read at the last real token of each row. Padding may
+    be on either side; unlike `transformers`' own pooling this does not look for the pad id,
+    so it is right also when the pad token is the EOS token."""
+    values = token_values(model, input_ids, attention_mask)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.bool()).argmax(-1)
+    return values.gather(1, last[:, None])[:, 0]

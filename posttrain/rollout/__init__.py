@@ -1,0 +1,1 @@
+"""Turning prompts into experience: the Experience dataclass and rollout engines."""

@@ -1,0 +1,127 @@
+"""Record kinds, loading from every file type, and errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.data.formats import detect_kind, validate_record
+from posttrain.data.loading import load_examples, read_records, shuffled, split_examples
+from posttrain.errors import DataError
+
+RECORDS = {
+    "prompt": {"prompt": "1+2=", "answer": "3"},
+    "preference": {"prompt": "q:", "chosen": "good", "rejected": "bad"},
+    "completion": {"prompt": "1+2=", "completion": "3"},
+    "messages": {"messages": [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hello"}]},
+    "text": {"text": "some pretraining text"},
+}
+
+
+@pytest.mark.parametrize("kind", list(RECORDS))
+def test_each_kind_is_detected_and_validated(kind):
+    assert detect_kind(RECORDS[kind]) == kind
+    ex = validate_record(RECORDS[kind], "x.jsonl line 1")
+    assert ex.kind == kind and ex.where == "x.jsonl line 1"
+
+
+def test_extra_columns_are_kept():
+    ex = validate_record({"prompt": "1+2=", "answer": "3", "level": 2}, "w")
+    assert ex.extra == {"answer": "3", "level": 2}
+
+
+def test_conversational_preference_record():
+    rec = {"prompt": [{"role": "user", "content": "q"}],
+           "chosen": [{"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "assistant", "content": "b"}]}
+    ex = validate_record(rec, "w")
+    assert ex.chosen == [{"role": "assistant", "content": "a"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_json_parquet_and_dataset_dir_load_the_same(tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(5)]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(rows))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    loaded = [load_examples(p, kind="prompt") for p in
+              (jsonl, js, tmp_path / "d.parquet", tmp_path / "saved", tmp_path / "dd")]
+    for exs in loaded:
+        assert [(e.prompt, e.extra["answer"]) for e in exs] == [(r["prompt"], r["answer"])
+                                                                for r in rows]
+    assert loaded[0][2].where.endswith("d.jsonl line 3")
+    assert loaded[2][2].where.endswith("d.parquet row 2")
+    assert len(load_examples(tmp_path / "dd", split="test")) == 1
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_examples(tmp_path / "dd", split="validation")
+
+
+def test_blank_lines_are_skipped(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"text": "a"}\n\n{"text": "b"}\n')
+    assert [e.text for e in load_examples(p)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("content", "kind", "message"),
+    [
+        (b'{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": \n', "prompt",
+         r"d\.jsonl line 2: not valid JSON"),
+        (b'{"prompt": "a"}\n{"answer": "1"}\n', "prompt", r"line 2: missing field 'prompt'"),
+        (b'{"prompt": 5}\n', "prompt", r"line 1: field 'prompt': expected a string or a list "
+                                       r"of messages, got int"),
+        (b'{"prompt": "   "}\n', "prompt", r"line 1: field 'prompt': is empty"),
+        (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', "prompt",
+         r"line 2: not valid UTF-8 \(byte 0xe9 at column 16\)"),
+        (b'[1, 2]\n', "prompt", r"line 1: expected an object with named fields, got list"),
+        (b'{"prompt": "q", "chosen": "a", "rejected": null}\n', "preference",
+         r"field 'rejected': expected a string or a list of messages, got null"),
+        (b'{"messages": [{"role": "robot", "content": "x"}]}\n', "messages",
+         r"field 'messages\[0\].role': 'robot' is not one of"),
+        (b'{"messages": [{"role": "user", "content": 3}]}\n', "messages",
+         r"field 'messages\[0\].content': expected a string, got int"),
+        (b'{"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}\n',
+         "preference", r"mix strings and message lists"),
+        (b'{"foo": 1}\n', None, r"line 1: cannot tell the record kind"),
+    ],
+)
+def test_malformed_input_names_where(tmp_path, content, kind, message):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        load_examples(p, kind=kind)
+
+
+def test_missing_file_and_unknown_type(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_examples(tmp_path / "nope.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"unknown file type '\.csv'"):
+        list(read_records(tmp_path / "d.csv"))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="holds no records"):
+        load_examples(tmp_path / "empty.jsonl")
+
+
+def test_split_and_shuffle_are_seeded():
+    exs = [validate_record({"text": str(i)}, f"line {i}") for i in range(20)]
+    train, held = split_examples(exs, 0.25, seed=1)
+    assert len(held) == 5 and len(train) == 15
+    assert {e.text for e in train} | {e.text for e in held} == {str(i) for i in range(20)}
+    assert split_examples(exs, 0.25, seed=1) == (train, held)
+    assert split_examples(exs, 0.25, seed=2) != (train, held)
+    assert shuffled(list(range(10)), 3) == shuffled(list(range(10)), 3)
+    with pytest.raises(DataError, match="eval_fraction"):
+        split_examples(exs, 1.0)

@@ -1,0 +1,125 @@
+"""Loading policy, reference, reward model and critic; scores, values and LoRA references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.data.collate import pad
+from posttrain.errors import ConfigError
+from posttrain.models.forward import (
+    response_logprobs,
+    response_values,
+    sequence_scores,
+    token_values,
+)
+from posttrain.models.load import (
+    AdapterDisabledReference,
+    LoraSpec,
+    backbone,
+    load_causal_lm,
+    load_critic,
+    load_reference,
+    load_reward_model,
+    save_model,
+    value_head,
+)
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model_dir):
+    torch.manual_seed(0)
+    model = load_reward_model(tiny_model_dir)  # causal-LM checkpoint: backbone + fresh head
+    with torch.no_grad():
+        value_head(model).weight.normal_()
+    return model.eval()
+
+
+def test_reward_model_scores_at_last_real_token_whatever_the_padding(reward_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    seqs = [[*tok("12+3=15").input_ids, tok.eos_token_id], tok("4=4").input_ids]
+    alone = torch.stack([
+        sequence_scores(reward_model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool))[0]
+        for s in seqs
+    ])
+    for side in ("right", "left"):
+        ids = pad(seqs, tok.pad_token_id, side=side)
+        mask = pad([[1] * len(s) for s in seqs], 0, side=side).bool()
+        assert_close(sequence_scores(reward_model, ids, mask), alone, atol=1e-5, rtol=0)
+    # the score is the head applied to the last hidden state of the sequence
+    s = seqs[1]
+    hidden = backbone(reward_model)(input_ids=torch.tensor([s])).last_hidden_state[0, -1]
+    assert_close(alone[1], value_head(reward_model)(hidden)[0], atol=1e-5, rtol=0)
+
+
+def test_reward_model_works_when_pad_is_eos(reward_model, tiny_tokenizer):
+    # transformers' own pooling looks for the pad id; ours reads the attention mask.
+    tok = tiny_tokenizer
+    seqs = [[*tok("1=1").input_ids, tok.eos_token_id], [*tok("22=22").input_ids, tok.eos_token_id]]
+    ids = pad(seqs, tok.eos_token_id)
+    mask = pad([[1] * len(s) for s in seqs], 0).bool()
+    alone = sequence_scores(reward_model, torch.tensor([seqs[0]]), torch.ones(1, 4).bool())
+    assert_close(sequence_scores(reward_model, ids, mask)[0], alone[0], atol=1e-5, rtol=0)
+
+
+def test_critic_from_policy_starts_at_zero_and_from_rm_equals_rm(tiny_model_dir, tmp_path,
+                                                                 reward_model):
+    critic = load_critic(tiny_model_dir, init="policy")
+    ids = torch.tensor([[5, 10, 11, 12]])
+    mask = torch.ones_like(ids).bool()
+    assert torch.count_nonzero(token_values(critic, ids, mask)) == 0
+    save_model(reward_model, tmp_path / "rm")
+    critic = load_critic(tmp_path / "rm", init="reward_model")
+    assert_close(token_values(critic, ids, mask), token_values(reward_model, ids, mask),
+                 atol=1e-6, rtol=0)
+    # V(s_t) of response token t is read one position earlier
+    assert_close(response_values(critic, ids, mask, 2), token_values(critic, ids, mask)[:, 1:3])
+    with pytest.raises(ConfigError, match="critic init"):
+        load_critic(tiny_model_dir, init="random")
+
+
+def test_lora_reference_equals_the_base_model(tiny_model_dir, tiny_tokenizer):
+    torch.manual_seed(0)
+    policy = load_causal_lm(tiny_model_dir, lora=LoraSpec(r=4, target_modules=["q_proj",
+                                                                               "v_proj"]))
+    with torch.no_grad():  # make the adapters do something (B starts at zero)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    base = load_reference(tiny_model_dir)
+    ref = AdapterDisabledReference(policy)
+    ids = torch.tensor([tiny_tokenizer("12+34=46").input_ids])
+    mask = torch.ones_like(ids).bool()
+    ref_lp, _ = response_logprobs(ref, ids, mask, 4)
+    base_lp, _ = response_logprobs(base, ids, mask, 4)
+    pol_lp, _ = response_logprobs(policy, ids, mask, 4)
+    assert_close(ref_lp, base_lp, atol=1e-6, rtol=0)
+    assert (pol_lp - base_lp).abs().max() > 1e-3  # the adapters are on outside the context
+    assert not any(p.requires_grad for p in base.parameters())
+    # no second copy: the reference holds no parameters of its own
+    assert list(ref.parameters()) == []
+
+
+def test_lora_model_saves_merged_in_hf_format(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    policy = load_causal_lm(tiny_model_dir, lora=LoraSpec(r=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    save_model(policy, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[5, 10, 11, 12, 13]])
+    assert_close(reloaded(ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=0)
+    assert (tmp_path / "out" / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match=r"cannot load the policy model from .*no such directory"):
+        load_causal_lm(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="dtype 'fp8'"):
+        load_causal_lm(str(tmp_path), dtype="fp8")

@@ -23,3 +23,11 @@ def tiny_tokenizer(tiny_model_dir):
     from posttrain.models.load import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_task(tmp_path_factory):
+    """The arithmetic task (data + tiny model), written once per test session."""
+    from posttrain.tasks.registry import make_task
+
+    return make_task("arithmetic", tmp_path_factory.mktemp("arith"), seed=0)

@@ -23,15 +23,18 @@ class RewardModelReward:
         model: an `AutoModelForSequenceClassification` with one label (`load_reward_model`).
         tokenizer: its tokenizer.
         batch_size: sequences per forward pass.
-        offset: subtracted from every score (reward normalisation: the mean score of the SFT
-            policy on a reference set, so that its mean reward is 0, as in InstructGPT).
+        offset: subtracted from every score (reward normalisation: the mean score over a
+            reference set, so that its mean reward is 0, as in InstructGPT). Default: the
+            `reward_offset` the reward-model trainer stored in the model's config, else 0.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 32,
-                 offset: float = 0.0) -> None:
+                 offset: float | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        if offset is None:
+            offset = float(getattr(model.config, "reward_offset", 0.0) or 0.0)
         self.offset = offset
         self.__name__ = "reward_model"
 

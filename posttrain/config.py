@@ -1,0 +1,275 @@
+"""Typed, frozen, nested dataclass configs; YAML with `base:` inheritance; CLI overrides.
+
+    cfg = load_config(SFTConfig, "my.yaml", overrides=["--optim.lr", "1e-5"])
+
+- Every field is documented with `doc("...")`; `config_help(SFTConfig)` lists them all.
+- An unknown key is an error that names the closest valid key; a value of the wrong type is
+  an error that names the key, the expected type and the value.
+- A YAML file may say `base: other.yaml` (relative to itself) or `base: preset:NAME`; its keys
+  are merged over the base's, recursively.
+- Configs are never mutated at run time; derive new ones with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from posttrain.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, *,
+        default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its help text."""
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata={"help": text})
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting where YAML is loose (int -> float)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            choices = ", ".join(repr(a) for a in get_args(tp))
+            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (list, tuple, Sequence):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(tp)[:1] or (Any,)
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def field_paths(cls: type, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config class."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] or (
+            [tp] if dataclasses.is_dataclass(tp) else [])
+        out.append(prefix + f.name)
+        if inner:
+            out += field_paths(inner[0], prefix + f.name + ".")
+    return out
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    valid = field_paths(cls, prefix)
+    close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{prefix}{key}'{hint} (see --help for all keys)")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build config `cls` from a (nested) mapping, checking every key and type."""
+    hints = _hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, key, prefix)
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required config key '{prefix}{missing[0]}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into `base`, recursively for mappings."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, preset_dir: Path | None = None, _seen: tuple = ()) -> dict:
+    """A YAML config with its `base:` chain resolved."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: `base:` chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if isinstance(base, str) and base.startswith("preset:"):
+        if preset_dir is None:
+            raise ConfigError(f"{path}: `base: {base}` needs a preset directory")
+        base_path = preset_dir / f"{base.split(':', 1)[1]}.yaml"
+    else:
+        base_path = (path.parent / str(base)).resolve()
+    return merge(read_yaml(base_path, preset_dir, (*_seen, path.resolve())), data)
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """`["--optim.lr", "1e-5", "--train.steps=10"]` -> `{"optim": {"lr": 1e-5}, ...}`.
+
+    Values are read as YAML scalars (so `true`, `3`, `1e-5`, `null`, `[1, 2]` work)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        arg = items[i]
+        if not arg.startswith("--"):
+            raise ConfigError(
+                f"unexpected argument {arg!r}; overrides look like --section.key VALUE"
+            )
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ConfigError(f"override --{key} needs a value")
+            value = items[i + 1]
+            i += 1
+        i += 1
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _numeric(parsed)
+    return out
+
+
+def _numeric(value: Any) -> Any:
+    # YAML 1.1 reads "1e-5" as a string; a config number should be a number.
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+        except ValueError:
+            return value
+    return value
+
+
+def load_config(cls: type[T], path: str | Path | None = None,
+                overrides: Sequence[str] | dict[str, Any] = (),
+                preset_dir: Path | None = None, base: dict[str, Any] | None = None) -> T:
+    """`cls` from (an optional dict `base`) + (an optional YAML file) + (overrides)."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = merge(data, read_yaml(path, preset_dir))
+    over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    return from_dict(cls, merge(data, over))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """`(key, default, help)` for every leaf field, for `--help`."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] or (
+            [tp] if dataclasses.is_dataclass(tp) else [])
+        if inner:
+            rows += config_help(inner[0], prefix + f.name + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+    return rows

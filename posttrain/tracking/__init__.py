@@ -1,0 +1,1 @@
+"""Metric sinks (JSONL, TensorBoard), progress display, plots and reports."""

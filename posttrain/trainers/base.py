@@ -1,0 +1,382 @@
+"""The loop every trainer shares.
+
+It owns: the optimiser (AdamW) and the LR schedule with warm-up; the data order (a seeded
+shuffle per epoch, so the data position is a pure function of the step); micro-batching by a
+token budget with gradient accumulation whose result does not depend on the micro-batch size
+(each micro-batch's loss is normalised by the whole step's counts); gradient clipping; the
+non-finite check; evaluation every N steps; metrics to JSONL/TensorBoard and the progress
+display; atomic checkpoints, exact resume and clean stops on SIGINT/SIGTERM.
+
+A trainer supplies the model(s) and four things: `item_length`, `step_totals`, `micro_loss`
+and `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from posttrain.checkpoint import latest_checkpoint, load_rng, load_torch, save_checkpoint, save_rng
+from posttrain.config import doc, save_config
+from posttrain.data.collate import micro_batches_by_tokens
+from posttrain.data.loading import shuffled
+from posttrain.errors import CheckpointError, ConfigError, NonFiniteError
+from posttrain.tracking.metrics import MetricsLogger, Progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = doc("Peak learning rate of AdamW.", 1e-4)
+    weight_decay: float = doc("AdamW weight decay.", 0.0)
+    beta1: float = doc("AdamW β1.", 0.9)
+    beta2: float = doc("AdamW β2.", 0.999)
+    eps: float = doc("AdamW ε.", 1e-8)
+    warmup_steps: int = doc("Linear warm-up from 0 to `lr` over this many optimiser steps.", 0)
+    schedule: Literal["constant", "linear", "cosine"] = doc(
+        "LR after warm-up: constant, linear decay to 0, or cosine decay to 0.", "constant")
+    max_grad_norm: float | None = doc("Clip the global gradient norm to this (null: no clip).",
+                                      1.0)
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = doc("Directory that holds runs.", "runs")
+    name: str = doc("Run name; the run writes into output_dir/name.", "run")
+    steps: int = doc("Optimiser steps to train.", 100)
+    batch_size: int = doc("Examples per optimiser step (global, over all micro-batches).", 8)
+    micro_batch_tokens: int = doc(
+        "Padded tokens per micro-batch (rows x longest row); gradients are accumulated over "
+        "micro-batches, and the result does not depend on this value.", 4096)
+    eval_every: int = doc("Evaluate every N steps (0: only at the end).", 0)
+    save_every: int = doc("Checkpoint every N steps (0: only at the end).", 0)
+    keep_checkpoints: int = doc("Checkpoints to keep (the newest).", 2)
+    log_every: int = doc("Log metrics every N steps.", 1)
+    seed: int = doc("Random seed: data order, sampling and initialisation.", 0)
+    device: str = doc("cpu, cuda, cuda:N or auto (cuda when available).", "auto")
+    on_nonfinite: Literal["stop", "skip"] = doc(
+        "When the loss or gradient is NaN/inf: stop the run, or skip the step.", "stop")
+    tensorboard: bool = doc("Also write TensorBoard events.", True)
+    progress: Literal["auto", "rich", "plain", "none"] = doc(
+        "Progress display: a bar on a terminal (auto), plain lines, or nothing.", "auto")
+    resume: bool = doc("Continue from the newest complete checkpoint of this run.", False)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "micro_batch_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        if optim.schedule == "constant":
+            return 1.0
+        span = max(1, total_steps - optim.warmup_steps)
+        progress = min(1.0, (step - optim.warmup_steps) / span)
+        if optim.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    status: Literal["finished", "interrupted"]
+    final_dir: Path | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+    seconds: float = 0.0
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and stops after the current step.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested} received: finishing this step, saving a checkpoint, "
+              "stopping (press Ctrl-C again to stop at once)", flush=True)
+
+    def __enter__(self) -> _StopRequest:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old.clear()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Load weights saved by `save_pretrained` (full model or peft adapters) into `model`."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        return
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory} holds no .safetensors weights")
+    state: dict[str, Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: weights do not match the model (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+
+class Trainer:
+    """The shared loop. Subclasses set `self.model`, `self.tokenizer`, `self.train_items` and
+    implement the four methods below; `self.extra_models` lists other trained modules."""
+
+    kind = "train"
+
+    def __init__(self, config: Any, run: RunConfig, optim: OptimConfig) -> None:
+        self.config = config
+        self.run = run
+        self.optim_cfg = optim
+        self.device = resolve_device(run.device)
+        self.run_dir = run.run_dir
+        self.step = 0
+        self.skipped_steps = 0
+        self.callbacks: list[Callable[[Trainer, int, dict[str, float]], None]] = []
+        self._order_cache: dict[int, list[int]] = {}
+        torch.manual_seed(run.seed)
+
+    # ------------------------------------------------------------------ to implement
+    train_items: Sequence[Any]
+    model: nn.Module
+    tokenizer: Any
+
+    def item_length(self, item: Any) -> int:
+        raise NotImplementedError
+
+    def step_totals(self, items: Sequence[Any]) -> dict[str, int]:
+        """Counts over the whole step that micro-batch losses are normalised by."""
+        raise NotImplementedError
+
+    def micro_loss(self, items: Sequence[Any], totals: dict[str, int]
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of a micro-batch, already divided by the step's totals, so that the
+        micro-batch losses (and metrics) add up to the step's."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def save_models(self, directory: Path) -> None:
+        """Save every trained model into `directory` in the Hugging Face format."""
+        self.model.save_pretrained(directory / "model")
+
+    def load_models(self, directory: Path) -> None:
+        load_weights(self.model, directory / "model")
+
+    def save_final(self, directory: Path) -> None:
+        from posttrain.models.load import save_model
+
+        save_model(self.model, directory, self.tokenizer)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ the loop
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def build_optimizer(self) -> None:
+        o = self.optim_cfg
+        self.optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                           eps=o.eps, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o, self.run.steps))
+
+    def batch_for_step(self, step: int) -> list[Any]:
+        """The examples of optimiser step `step`: consecutive slices of per-epoch shuffles."""
+        n = len(self.train_items)
+        if n == 0:
+            raise ConfigError("the training set is empty")
+        out = []
+        for i in range(step * self.run.batch_size, (step + 1) * self.run.batch_size):
+            epoch, pos = divmod(i, n)
+            if epoch not in self._order_cache:
+                self._order_cache = {epoch: shuffled(range(n), self.run.seed + epoch)}
+            out.append(self.train_items[self._order_cache[epoch][pos]])
+        return out
+
+    def micro_batches(self, items: Sequence[Any]) -> list[list[Any]]:
+        lengths = [self.item_length(it) for it in items]
+        return [[items[i] for i in idx]
+                for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens)]
+
+    def accumulate_gradients(self, items: Sequence[Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Backward over the step's micro-batches; returns the step's loss and metric sums."""
+        totals = self.step_totals(items)
+        total_loss = torch.zeros((), device=self.device)
+        sums: dict[str, Tensor] = {}
+        for micro in self.micro_batches(items):
+            loss, metrics = self.micro_loss(micro, totals)
+            loss.backward()
+            total_loss += loss.detach()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v.detach()
+        return total_loss, sums
+
+    def optimizer_step(self, items: Sequence[Any]) -> dict[str, float]:
+        self.model.train()
+        total_loss, sums = self.accumulate_gradients(items)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        max_norm = self.optim_cfg.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss_value, norm_value = float(total_loss), float(grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+            if self.run.on_nonfinite == "stop":
+                last = latest_checkpoint(self.run_dir / "checkpoints")
+                value = loss_value if what == "loss" else norm_value
+                raise NonFiniteError(
+                    f"step {self.step + 1}: the {what} is {value}; no weights were written. "
+                    f"Last good checkpoint: {last or 'none'}. Lower optim.lr, check the data, "
+                    "or set run.on_nonfinite=skip"
+                )
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite %s, step skipped", self.step + 1, what)
+            self.scheduler.step()
+            return {"train/loss": loss_value, "train/skipped": 1.0}
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        out = {"train/loss": loss_value, "train/grad_norm": norm_value, "train/lr": lr}
+        out.update({f"train/{k}" if "/" not in k else k: float(v) for k, v in sums.items()})
+        return out
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        self.save_models(directory)
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        save_rng(directory / "rng.pt")
+        state = {"step": self.step, "skipped_steps": self.skipped_steps,
+                 "extra": self.extra_state()}
+        (directory / "state.json").write_text(json.dumps(state))
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, self._write_checkpoint,
+                               keep=self.run.keep_checkpoints)
+
+    def restore(self, directory: Path) -> None:
+        state = json.loads((directory / "state.json").read_text())
+        self.load_models(directory)
+        self.optimizer.load_state_dict(load_torch(directory / "optimizer.pt"))
+        self.scheduler.load_state_dict(load_torch(directory / "scheduler.pt"))
+        load_rng(directory / "rng.pt")
+        self.step = state["step"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.load_extra_state(state.get("extra", {}))
+
+    def train(self) -> TrainResult:
+        start_time = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml")
+        self.build_optimizer()
+        if self.run.resume:
+            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+            if ckpt is None:
+                print(f"no complete checkpoint in {self.run_dir / 'checkpoints'}; "
+                      "starting from the beginning", flush=True)
+            else:
+                self.restore(ckpt)
+                print(f"resumed from {ckpt} (step {self.step})", flush=True)
+        logger = MetricsLogger(self.run_dir, tensorboard=self.run.tensorboard)
+        logger.truncate_after(self.step)
+        progress = Progress(self.run.steps, self.kind, self.run.progress, start=self.step)
+        status: Literal["finished", "interrupted"] = "finished"
+        eval_metrics: dict[str, float] = {}
+        try:
+            with _StopRequest() as stop:
+                while self.step < self.run.steps:
+                    t0 = time.time()
+                    items = self.batch_for_step(self.step)
+                    metrics = self.optimizer_step(items)
+                    self.step += 1
+                    metrics["perf/step_seconds"] = time.time() - t0
+                    if self.run.eval_every and self.step % self.run.eval_every == 0 \
+                            and self.step < self.run.steps:
+                        metrics.update(self.evaluate())
+                    if self.step % self.run.log_every == 0 or self.step == self.run.steps:
+                        row = logger.log(self.step, metrics)
+                        progress.update(self.step, {k: v for k, v in row.items()
+                                                    if k in ("train/loss", "eval/loss")})
+                    for callback in self.callbacks:
+                        callback(self, self.step, metrics)
+                    if self.run.save_every and self.step % self.run.save_every == 0:
+                        self.checkpoint()
+                    if stop.requested:
+                        self.checkpoint()
+                        status = "interrupted"
+                        break
+            if status == "finished":
+                eval_metrics = self.evaluate()
+                if eval_metrics:
+                    logger.log(self.step, eval_metrics)
+                self.checkpoint()
+                final = self.run_dir / "final"
+                self.save_final(final)
+            else:
+                final = None
+        finally:
+            progress.close()
+            logger.close()
+        return TrainResult(self.run_dir, self.step, status, final, eval_metrics,
+                           self.skipped_steps, time.time() - start_time)

@@ -1,0 +1,115 @@
+"""Configuration sections and helpers shared by the SFT, reward-model, DPO and RL trainers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from posttrain.config import doc
+from posttrain.data.collate import TruncationPolicy, tokenize_prompts
+from posttrain.data.formats import Example
+from posttrain.data.loading import load_examples, split_examples
+from posttrain.errors import ConfigError
+from posttrain.models.load import LoraSpec
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = doc("Model directory or hub id, in the transformers format.", "")
+    tokenizer: str | None = doc("Tokenizer directory or hub id (default: `path`).", None)
+    dtype: Literal["float32", "bfloat16", "float16"] = doc("Weights dtype.", "float32")
+    trust_remote_code: bool = doc("Run model code shipped with the checkpoint (off unless "
+                                  "you trust it).", False)
+    lora_r: int = doc("LoRA rank; 0 trains all weights.", 0)
+    lora_alpha: int = doc("LoRA alpha.", 16)
+    lora_dropout: float = doc("LoRA dropout.", 0.0)
+    lora_targets: list[str] | None = doc("Module names that get adapters (default: peft's "
+                                         "choice for the architecture).", None)
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("model.path is required: a model directory or hub id")
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        if self.lora_r <= 0:
+            return None
+        return LoraSpec(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = doc("Training data: .jsonl/.json/.parquet, a saved dataset dir or hub id.", "")
+    eval: str | None = doc("Held-out data (default: `eval_fraction` of `train`).", None)
+    eval_fraction: float = doc("Share of `train` held out when `eval` is not given "
+                               "(0: no held-out set).", 0.05)
+    split: str = doc("Split of a dataset directory or hub dataset.", "train")
+    limit: int | None = doc("Read at most this many training records.", None)
+    max_prompt_tokens: int | None = doc("Longer prompts are handled by `on_overflow`.", None)
+    max_completion_tokens: int | None = doc("Longer completions are handled by `on_overflow`.",
+                                            None)
+    on_overflow: Literal["truncate", "drop", "error"] = doc(
+        "Over-long examples: truncate (prompt start / completion end), drop, or error.",
+        "truncate")
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ConfigError("data.train is required: a data file, dataset dir or hub id")
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+    @property
+    def truncation(self) -> TruncationPolicy:
+        return TruncationPolicy(self.max_prompt_tokens, self.max_completion_tokens,
+                                on_overflow=self.on_overflow)
+
+
+def load_train_eval(data: DataConfig, kind: str | Sequence[str] | None,
+                    seed: int) -> tuple[list[Example], list[Example]]:
+    """Training and held-out examples as `data` says (all of one of the `kind`s)."""
+    kinds = [kind] if isinstance(kind, str) or kind is None else list(kind)
+    train = load_examples(data.train, None, data.split, data.limit)
+    _check_kind(train, kinds, data.train)
+    if data.eval:
+        held = load_examples(data.eval, None, data.split)
+        _check_kind(held, kinds, data.eval)
+        return train, held
+    if data.eval_fraction == 0:
+        return train, []
+    return split_examples(train, data.eval_fraction, seed)
+
+
+def _check_kind(examples: list[Example], kinds: list[str | None], source: str) -> None:
+    if None in kinds:
+        return
+    bad = next((e for e in examples if e.kind not in kinds), None)
+    if bad is not None:
+        raise ConfigError(f"{bad.where}: this trainer needs {' or '.join(map(str, kinds))} "
+                          f"records, got a {bad.kind!r} record ({source})")
+
+
+@torch.no_grad()
+def greedy_completions(model: nn.Module, tokenizer, examples: Sequence[Example],
+                       max_new_tokens: int, batch_prompts: int = 64) -> list[str]:
+    """Greedy responses to the examples' prompts, decoded without special tokens."""
+    from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+
+    engine = HFGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              max_batch_prompts=batch_prompts, decode=tokenizer.decode)
+    prompts = [ids for ids, _ in tokenize_prompts(examples, tokenizer)]
+    exp = engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
+    return list(exp.texts)
+
+
+def completion_text(completion: Any) -> str:
+    if isinstance(completion, list):
+        return "".join(m["content"] for m in completion if m["role"] == "assistant")
+    return completion

@@ -1,0 +1,160 @@
+"""Direct preference optimisation and its family (ALGORITHMS.md section 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from posttrain.algos import dpo_loss, masked_sum
+from posttrain.config import doc
+from posttrain.data.collate import (
+    TokenizedPair,
+    collate_pairs,
+    micro_batches_by_tokens,
+    tokenize_preferences,
+)
+from posttrain.errors import ConfigError
+from posttrain.models.forward import sequence_logprobs
+from posttrain.models.load import (
+    AdapterDisabledReference,
+    load_causal_lm,
+    load_reference,
+    load_tokenizer,
+)
+from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
+from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval
+from posttrain.trainers.reward import pair_length
+
+
+@dataclass(frozen=True)
+class DPOLossConfig:
+    variant: Literal["sigmoid", "ipo"] = doc("sigmoid (DPO, cDPO with label_smoothing) or ipo.",
+                                             "sigmoid")
+    beta: float = doc("β: strength of the implicit KL to the reference.", 0.1)
+    beta_chosen: float | None = doc("β⁺ for the chosen response (asymmetric β).", None)
+    beta_rejected: float | None = doc("β⁻ for the rejected response (asymmetric β).", None)
+    label_smoothing: float = doc("ε of conservative DPO (cDPO), in [0, 0.5).", 0.0)
+    reference_free: bool = doc("Drop the reference model from the loss.", False)
+    dpop_lambda: float = doc("λ_p of DPO-P: penalise lowering the chosen log-prob.", 0.0)
+    sft_alpha: float = doc("α of DPO+SFT: add α·NLL(chosen), token mean (0.1–0.5).", 0.0)
+    reference: str | None = doc("Reference model path (default: model.path; with LoRA the "
+                                "base model with adapters off).", None)
+    precompute_reference: bool = doc("Compute reference log-probs once for the whole data set "
+                                     "before training (the reference is frozen).", True)
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    model: ModelConfig = doc("The policy to train, usually the SFT model.")
+    data: DataConfig = doc("prompt+chosen+rejected records.")
+    optim: OptimConfig = doc("Optimiser.", default_factory=lambda: OptimConfig(lr=1e-4))
+    run: RunConfig = doc("The loop.", default_factory=lambda: RunConfig(name="dpo"))
+    dpo: DPOLossConfig = doc("The loss.", default_factory=DPOLossConfig)
+
+
+class DPOTrainer(Trainer):
+    kind = "dpo"
+
+    def __init__(self, config: DPOConfig) -> None:
+        super().__init__(config, config.run, config.optim)
+        m, d = config.model, config.dpo
+        self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
+        self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
+        self.reference = None
+        if not d.reference_free:
+            if m.lora is not None and d.reference is None:
+                self.reference = AdapterDisabledReference(self.model)
+            else:
+                self.reference = load_reference(d.reference or m.path, m.dtype, self.device,
+                                                m.trust_remote_code)
+        train, held = load_train_eval(config.data, "preference", config.run.seed)
+        pairs = tokenize_preferences(train, self.tokenizer, config.data.truncation)
+        # Items carry their index so precomputed reference log-probs can be looked up.
+        self.train_items = list(enumerate(pairs))
+        self.eval_items = list(enumerate(tokenize_preferences(held, self.tokenizer,
+                                                              config.data.truncation)))
+        self.ref_cache: dict[str, Tensor] = {}
+        if self.reference is not None and d.precompute_reference:
+            self.ref_cache["train"] = self.reference_logps(self.train_items)
+            self.ref_cache["eval"] = self.reference_logps(self.eval_items)
+
+    def item_length(self, item: tuple[int, TokenizedPair]) -> int:
+        return pair_length(item[1])
+
+    def step_totals(self, items) -> dict[str, int]:
+        return {"pairs": len(items)}
+
+    def pair_logps(self, model, pairs: Sequence[TokenizedPair]) -> tuple[Tensor, Tensor, Tensor]:
+        """Sequence log-probs (2B,) of chosen then rejected, in one forward pass, and the
+        per-row token counts."""
+        b = collate_pairs(pairs, self.tokenizer.pad_token_id)
+        logp, mask = sequence_logprobs(model, b["input_ids"].to(self.device),
+                                       b["attention_mask"].to(self.device),
+                                       b["loss_mask"].to(self.device))
+        return masked_sum(logp, mask, dim=1), mask.sum(1), logp
+
+    @torch.no_grad()
+    def reference_logps(self, items) -> Tensor:
+        """(N, 2) reference log-probs of [chosen, rejected] for every item, by index."""
+        out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
+        lengths = [pair_length(p) for _, p in items]
+        for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens):
+            chunk = [items[i] for i in idx]
+            seq, _, _ = self.pair_logps(self.reference, [p for _, p in chunk])
+            ids = torch.tensor([i for i, _ in chunk], device=self.device)
+            out[ids, 0], out[ids, 1] = seq[: len(chunk)].float(), seq[len(chunk):].float()
+        return out
+
+    def _losses(self, items, split: str):
+        d = self.config.dpo
+        pairs = [p for _, p in items]
+        n = len(pairs)
+        seq, counts, _ = self.pair_logps(self.model, pairs)
+        chosen, rejected = seq[:n], seq[n:]
+        ref_c = ref_r = None
+        if self.reference is not None:
+            if split in self.ref_cache:
+                ids = torch.tensor([i for i, _ in items], device=self.device)
+                ref = self.ref_cache[split][ids]
+            else:
+                with torch.no_grad():
+                    r, _, _ = self.pair_logps(self.reference, pairs)
+                ref = torch.stack([r[:n], r[n:]], dim=1)
+            ref_c, ref_r = ref[:, 0], ref[:, 1]
+        chosen_nll = -chosen / counts[:n].clamp(min=1) if d.sft_alpha else None
+        return dpo_loss(chosen, rejected, ref_c, ref_r, variant=d.variant, beta=d.beta,
+                        beta_chosen=d.beta_chosen, beta_rejected=d.beta_rejected,
+                        label_smoothing=d.label_smoothing, reference_free=d.reference_free,
+                        dpop_lambda=d.dpop_lambda, sft_alpha=d.sft_alpha, chosen_nll=chosen_nll)
+
+    def micro_loss(self, items, totals):
+        out = self._losses(items, "train")
+        share = len(items) / totals["pairs"]
+        return out.losses.sum() / totals["pairs"], {k: v * share for k, v in out.metrics.items()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_items:
+            return {}
+        self.model.eval()
+        lengths = [pair_length(p) for _, p in self.eval_items]
+        sums: dict[str, float] = {}
+        for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens):
+            chunk = [self.eval_items[i] for i in idx]
+            out = self._losses(chunk, "eval")
+            sums["eval/loss"] = sums.get("eval/loss", 0.0) + float(out.losses.sum())
+            for k, v in out.metrics.items():
+                key = "eval/" + k.split("/")[-1]
+                sums[key] = sums.get(key, 0.0) + float(v) * len(chunk)
+        self.model.train()
+        return {k: v / len(self.eval_items) for k, v in sums.items()}
+
+    def parameters(self):
+        params = super().parameters()
+        if not params:
+            raise ConfigError("the DPO policy has no trainable parameters")
+        return params

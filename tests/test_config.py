@@ -1,0 +1,84 @@
+"""Configs: YAML with base: inheritance, overrides, and one-line errors that say what to do."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.config import config_help, load_config, parse_overrides, read_yaml
+from posttrain.errors import ConfigError
+from posttrain.trainers.dpo import DPOConfig
+from posttrain.trainers.sft import SFTConfig
+
+MINIMAL = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}}
+
+
+def test_yaml_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        "model: {path: base-model}\ndata: {train: d.jsonl}\noptim: {lr: 0.001, warmup_steps: 5}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\noptim: {lr: 0.002}\n")
+    cfg = load_config(SFTConfig, tmp_path / "child.yaml",
+                      ["--optim.schedule", "cosine", "--run.steps=7", "--optim.lr", "1e-5"])
+    assert cfg.model.path == "base-model"
+    assert cfg.optim.warmup_steps == 5  # kept from the base
+    assert cfg.optim.lr == 1e-5  # the override wins over the child, the child over the base
+    assert cfg.optim.schedule == "cosine" and cfg.run.steps == 7
+
+
+def test_overrides_are_typed():
+    assert parse_overrides(["--a.b", "true", "--a.c", "3", "--d", "null", "--e", "[1, 2]",
+                            "--f", "1e-5", "--g", "runs/x"]) == {
+        "a": {"b": True, "c": 3}, "d": None, "e": [1, 2], "f": 1e-5, "g": "runs/x"}
+
+
+def test_unknown_key_suggests_the_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lr_rate'; did you mean "
+                                          r"'optim\.lr'\?"):
+        load_config(SFTConfig, overrides={**MINIMAL, "optim": {"lr_rate": 1}})
+    with pytest.raises(ConfigError, match=r"did you mean 'dpo\.beta'"):
+        load_config(DPOConfig, overrides=["--dpo.bta", "0.2", "--model.path", "m",
+                                          "--data.train", "d"])
+
+
+def test_wrong_types_and_choices_name_the_key():
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected a number, got 'fast'"):
+        load_config(SFTConfig, overrides={**MINIMAL, "optim": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"run\.steps: expected an integer, got 2\.5"):
+        load_config(SFTConfig, overrides={**MINIMAL, "run": {"steps": 2.5}})
+    with pytest.raises(ConfigError, match=r"optim\.schedule: 'cosin' is not one of .*did you "
+                                          r"mean 'cosine'"):
+        load_config(SFTConfig, overrides={**MINIMAL, "optim": {"schedule": "cosin"}})
+    with pytest.raises(ConfigError, match=r"run\.tensorboard: expected true or false"):
+        load_config(SFTConfig, overrides={**MINIMAL, "run": {"tensorboard": "yes"}})
+
+
+def test_missing_and_invalid_values():
+    with pytest.raises(ConfigError, match="missing required config key 'model'"):
+        load_config(SFTConfig, overrides={"data": {"train": "d"}})
+    with pytest.raises(ConfigError, match="model.path is required"):
+        load_config(SFTConfig, overrides={"model": {"dtype": "float32"}, "data": {"train": "d"}})
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        load_config(SFTConfig, overrides={**MINIMAL, "optim": {"lr": 0}})
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_yaml(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="loops back"):
+        read_yaml(tmp_path / "loop.yaml")
+
+
+def test_help_lists_every_field_with_default_and_meaning():
+    rows = {key: (default, text) for key, default, text in config_help(SFTConfig)}
+    assert rows["optim.lr"] == ("0.0001", "Peak learning rate of AdamW.")
+    assert rows["model.path"][0] == "(required)" or rows["model.path"][0] == "''"
+    assert all(text for _, text in rows.values()), [k for k, (_, t) in rows.items() if not t]
+
+
+def test_configs_are_frozen():
+    cfg = load_config(SFTConfig, overrides=MINIMAL)
+    with pytest.raises(AttributeError):
+        cfg.optim.lr = 1.0

@@ -28,6 +28,62 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE`; VALUE is read as JSON when it parses (numbers, true/false), else a string."""
+    import json
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def _tasks_list(args: argparse.Namespace) -> int:
+    from posttrain.tasks import TASKS
+
+    width = max(len(name) for name in TASKS)
+    for task in TASKS.values():
+        print(f"{task.name:<{width}}  {task.description}")
+    return 0
+
+
+def _tasks_make(args: argparse.Namespace) -> int:
+    from posttrain.errors import ConfigError
+    from posttrain.tasks import get_task
+
+    try:
+        task = get_task(args.name)
+        out = task.make(args.out, seed=args.seed, model=not args.no_model,
+                        **dict(args.option or []))
+    except ConfigError as err:
+        print(f"posttrain tasks make: error: {err}", file=sys.stderr)
+        return 2
+    import json
+
+    info = json.loads((out / "task.json").read_text())
+    print(f"wrote task {task.name!r} (seed {args.seed}) to {out}/")
+    for f in info["files"].values():
+        print(f"  {f['path']:<18} {f['records']:>6} records  kind {f['kind']}")
+    if task.name == "preference":
+        print(f"  {'gold.json':<18} the hidden gold scorer (reward: GoldReward.from_file)")
+    if info["model"]:
+        print(f"  {'model/':<18} the tiny model and tokenizer (from_pretrained)")
+    print(f"  {'task.json':<18} what the task is; suggested RL reward: "
+          f"{json.dumps(info['reward'])}")
+    return 0
+
+
+def _tasks_help(parser: argparse.ArgumentParser):
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return show
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posttrain",
@@ -43,6 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--steps", type=int, default=30, help="GRPO steps (default: 30)")
     qs.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     qs.set_defaults(func=_quickstart)
+
+    tasks = sub.add_parser(
+        "tasks",
+        help="list the built-in tasks or write one (data files, task.json, tiny model)",
+        description="The built-in tasks: small data sets and a tiny model, made locally.",
+    )
+    tasks.set_defaults(func=_tasks_help(tasks))
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", metavar="ACTION")
+    tasks_list = tasks_sub.add_parser("list", help="name and one-line description of each task")
+    tasks_list.set_defaults(func=_tasks_list)
+    make = tasks_sub.add_parser(
+        "make",
+        help="write a task's data files, task.json and tiny model into a directory",
+        description="Write the task's JSONL files, task.json and (unless --no-model) the tiny "
+        "model and tokenizer under DIR/model. `posttrain tasks list` names the tasks.",
+    )
+    make.add_argument("name", metavar="NAME", help="the task (see `posttrain tasks list`)")
+    make.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    make.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    make.add_argument("--no-model", action="store_true",
+                      help="write only the data files and task.json, not the tiny model")
+    make.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                      help="a task option, e.g. wrong_fraction=0.3 (repeatable)")
+    make.set_defaults(func=_tasks_make)
     return parser
 
 

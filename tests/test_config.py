@@ -54,7 +54,7 @@ def test_wrong_types_and_choices_name_the_key():
 def test_missing_and_invalid_values():
     with pytest.raises(ConfigError, match="missing required config key 'model'"):
         load_config(SFTConfig, overrides={"data": {"train": "d"}})
-    with pytest.raises(ConfigError, match="model.path is required"):
+    with pytest.raises(ConfigError, match=r"model\.path is required"):
         load_config(SFTConfig, overrides={"model": {"dtype": "float32"}, "data": {"train": "d"}})
     with pytest.raises(ConfigError, match="lr must be > 0"):
         load_config(SFTConfig, overrides={**MINIMAL, "optim": {"lr": 0}})

@@ -30,11 +30,11 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Size of the tiny Llama. The default has about 0.2 M parameters."""
+    """Size of the tiny Llama. The default has about 0.27 M parameters."""
 
     hidden_size: int = 64
-    intermediate_size: int = 172
-    num_hidden_layers: int = 2
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
     num_attention_heads: int = 4
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = True

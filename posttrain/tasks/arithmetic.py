@@ -1,0 +1,271 @@
+"""The arithmetic tasks: `a+b=` prompts with a verifiable answer.
+
+`arithmetic` asks for the bare sum (`37+48=` -> `85`). `arithmetic_cot` asks for the sum worked
+out column by column, so that responses vary several-fold in length (the setting where value
+bias and length-adaptive GAE matter).
+
+Files written (JSONL, one record a line, in the public formats of `posttrain.data.formats`):
+
+| file             | kind         | columns                 | what                              |
+|------------------|--------------|-------------------------|-----------------------------------|
+| `sft_train.jsonl`| `completion` | prompt, completion      | demonstrations, `wrong_fraction`  |
+|                  |              |                         | of them wrong                     |
+| `sft_eval.jsonl` | `completion` | prompt, completion      | held-out demonstrations, all right|
+| `rl_train.jsonl` | `prompt`     | prompt, answer          | training prompts, the true sum    |
+| `rl_eval.jsonl`  | `prompt`     | prompt, answer          | held-out prompts, the true sum    |
+
+Held-out operand pairs never appear in a training file (`a+b` and `b+a` count as different
+prompts; only the exact pair is held out). The SFT and RL training files share their prompts:
+RL starts where SFT stopped, on the same distribution. `answer` is the true sum as a decimal
+string, so the rule reward is an exact string match (`task.json` names it).
+
+Why the defaults: the tiny model (about 0.27 M parameters, one token per character) has to
+learn addition in a few minutes of CPU SFT. Operands 0..49 give 2,500 pairs and sums of at
+most two digits; holding out 10% leaves 2,250 training pairs, so the model must learn carrying
+to answer the held-out ones. A fifth of the training demonstrations are wrong (the answer off
+by 1..10, never the true sum), so SFT alone stays imperfect and RL with the exact-answer
+reward has something to fix. In a probe (AdamW, learning rate 3e-3 constant, batch 64, one
+CPU thread) held-out greedy accuracy reached about 85% within a minute, then fell to about
+75% by four minutes as the model memorised the wrong demonstrations; with operands 0..99 it
+reached 95% in three minutes, leaving RL less to do.
+
+The chain-of-thought format (`arithmetic_cot`), one step per column, least significant first:
+
+    347+85=  ->  7+5=12;4+8+1=13;3+0+1=4;#432
+    7+5=     ->  7+5=12;#12
+
+A step is `x+y=s;` or `x+y+1=s;` (the `+1` is the carry from the previous column, written
+only when there is one); a missing digit of the shorter operand is written `0`; `s` is the
+column sum (0..19) in decimal. After the last column, `#` and the sum. The final answer is
+extracted with `ANSWER_PATTERN` (`#(-?\\d+)`); `check_cot` checks the whole working. Operands
+have 1 to 3 digits (the digit count drawn uniformly), so a response has 1 to 3 steps: from
+`0+0=0;#0` (8 characters) to `9+9+1=19;9+9+1=19;9+9=18;#1998` (32).
+
+A wrong CoT demonstration makes one slip: one column sum off by one (never out of 0..19),
+with the rest of the working carried on consistently from the slip, so the answer is off by
+±1, ±10 or ±100 - the kind of mistake the working makes visible.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from posttrain.errors import ConfigError
+
+ANSWER_PATTERN = r"#(-?\d+)"
+"""The regex that extracts the final answer of a CoT response (group 1)."""
+
+STEP_PATTERN = r"(\d)\+(\d)(\+1)?=(\d{1,2});"
+"""One column of CoT working: digit, digit, optional carry, column sum."""
+
+_COT_RE = re.compile(rf"((?:{STEP_PATTERN})+){ANSWER_PATTERN}")
+_STEP_RE = re.compile(STEP_PATTERN)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name}={value}: must be between 0 and 1")
+
+
+@dataclass(frozen=True)
+class ArithmeticConfig:
+    """Options of the `arithmetic` task (`posttrain tasks make arithmetic --option KEY=VALUE`)."""
+
+    max_operand: int = 49
+    """Operands are drawn from 0..max_operand (both ends included)."""
+    eval_fraction: float = 0.1
+    """Share of the operand pairs held out for evaluation (never in a training file)."""
+    wrong_fraction: float = 0.2
+    """Share of the SFT training demonstrations whose answer is wrong (exactly rounded)."""
+    max_wrong_offset: int = 10
+    """A wrong answer is the true sum moved by 1..max_wrong_offset, up or down (never < 0)."""
+
+    def __post_init__(self) -> None:
+        if self.max_operand < 1:
+            raise ConfigError(f"max_operand={self.max_operand}: must be at least 1")
+        _check_fraction("eval_fraction", self.eval_fraction)
+        _check_fraction("wrong_fraction", self.wrong_fraction)
+        if self.max_wrong_offset < 1:
+            raise ConfigError(f"max_wrong_offset={self.max_wrong_offset}: must be at least 1")
+        n_pairs = (self.max_operand + 1) ** 2
+        n_eval = round(self.eval_fraction * n_pairs)
+        if n_eval < 1 or n_eval >= n_pairs:
+            raise ConfigError(
+                f"eval_fraction={self.eval_fraction} holds out {n_eval} of {n_pairs} operand "
+                "pairs; choose a value that leaves at least one pair on each side"
+            )
+
+
+@dataclass(frozen=True)
+class ArithmeticCotConfig:
+    """Options of the `arithmetic_cot` task."""
+
+    max_digits: int = 3
+    """Each operand has 1..max_digits digits, the count drawn uniformly (then the value)."""
+    n_train: int = 4000
+    """Distinct training prompts (SFT and RL share them)."""
+    n_eval: int = 200
+    """Distinct held-out prompts."""
+    wrong_fraction: float = 0.2
+    """Share of the SFT training demonstrations with one slip in the working (exactly rounded)."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_digits <= 6:
+            raise ConfigError(f"max_digits={self.max_digits}: must be between 1 and 6")
+        if self.n_train < 1 or self.n_eval < 1:
+            raise ConfigError(f"n_train={self.n_train}, n_eval={self.n_eval}: must be >= 1")
+        _check_fraction("wrong_fraction", self.wrong_fraction)
+        n_pairs = (10**self.max_digits) ** 2
+        if self.n_train + self.n_eval > n_pairs // 2:
+            raise ConfigError(
+                f"n_train + n_eval = {self.n_train + self.n_eval} is too many for "
+                f"{n_pairs} operand pairs with max_digits={self.max_digits}; "
+                "lower them or raise max_digits"
+            )
+
+
+def _prompt(a: int, b: int) -> str:
+    return f"{a}+{b}="
+
+
+def _wrong_sum(true: int, max_offset: int, rng: random.Random) -> int:
+    offset = rng.randint(1, max_offset)
+    # Moving down below zero would be an impossible answer, so move up instead.
+    return true - offset if rng.random() < 0.5 and true - offset >= 0 else true + offset
+
+
+def _wrong_indices(n: int, fraction: float, rng: random.Random) -> set[int]:
+    # An exact count (not a coin per record) so that the share is what was asked for.
+    return set(rng.sample(range(n), round(fraction * n)))
+
+
+def build_arithmetic(seed: int, config: ArithmeticConfig) -> dict[str, list[dict[str, str]]]:
+    """The records of the `arithmetic` files, {file stem: records}; the same for the same seed."""
+    rng = random.Random(f"arithmetic/{seed}")
+    pairs = [(a, b) for a in range(config.max_operand + 1) for b in range(config.max_operand + 1)]
+    rng.shuffle(pairs)
+    n_eval = round(config.eval_fraction * len(pairs))
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+    wrong = _wrong_indices(len(train_pairs), config.wrong_fraction, rng)
+    sft_train = []
+    for i, (a, b) in enumerate(train_pairs):
+        answer = _wrong_sum(a + b, config.max_wrong_offset, rng) if i in wrong else a + b
+        sft_train.append({"prompt": _prompt(a, b), "completion": str(answer)})
+    return {
+        "sft_train": sft_train,
+        "sft_eval": [{"prompt": _prompt(a, b), "completion": str(a + b)} for a, b in eval_pairs],
+        "rl_train": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in train_pairs],
+        "rl_eval": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in eval_pairs],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Chain of thought
+
+
+def cot_steps(a: int, b: int) -> list[tuple[int, int, int, int]]:
+    """The columns of `a + b`, least significant first, as (digit of a, digit of b, carry in,
+    column sum)."""
+    if a < 0 or b < 0:
+        raise ConfigError(f"cot_steps({a}, {b}): operands must be non-negative")
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append((x, y, carry, s))
+        carry = s // 10
+    return steps
+
+
+def _render_steps(steps: list[tuple[int, int, int, int]]) -> str:
+    return "".join(f"{x}+{y}{'+1' if c else ''}={s};" for x, y, c, s in steps)
+
+
+def _value_of_steps(steps: list[tuple[int, int, int, int]]) -> int:
+    # The answer the working implies: each column's last digit, plus the last column's carry.
+    value = sum((s % 10) * 10**i for i, (_, _, _, s) in enumerate(steps))
+    return value + (steps[-1][3] // 10) * 10 ** len(steps)
+
+
+def cot_completion(a: int, b: int) -> str:
+    """The correct working and answer for `a+b=`, e.g. `7+5=12;4+8+1=13;3+0+1=4;#432`."""
+    steps = cot_steps(a, b)
+    return f"{_render_steps(steps)}#{_value_of_steps(steps)}"
+
+
+def cot_completion_with_slip(a: int, b: int, rng: random.Random) -> str:
+    """A working with one column sum off by one and everything after it consistent with the
+    slip, so the answer is wrong by ±10^column."""
+    correct = cot_steps(a, b)
+    at = rng.randrange(len(correct))
+    steps, carry = [], 0
+    for i, (x, y, _, _) in enumerate(correct):
+        s = x + y + carry
+        if i == at:
+            # Stay within the sums a column can have (0..19).
+            delta = 1 if s == 0 else -1 if s == 19 else rng.choice((-1, 1))
+            s += delta
+        steps.append((x, y, carry, s))
+        carry = s // 10
+    return f"{_render_steps(steps)}#{_value_of_steps(steps)}"
+
+
+def extract_answer(response: str) -> str | None:
+    """The final answer of a CoT response (the first match of `ANSWER_PATTERN`), or None."""
+    match = re.search(ANSWER_PATTERN, response)
+    return match.group(1) if match else None
+
+
+def check_cot(prompt: str, response: str) -> bool:
+    """True when `response` is exactly the correct working and answer for `prompt` (`a+b=`).
+
+    Stricter than the answer reward: every step, carry and the final sum must be right."""
+    match = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+    return bool(match) and response == cot_completion(int(match[1]), int(match[2]))
+
+
+def parse_cot(response: str) -> tuple[list[tuple[int, int, int, int]], int] | None:
+    """The steps (digit, digit, carry, sum) and the answer of a well-formed CoT response, or None
+    when it does not follow the format (the arithmetic in it is not checked)."""
+    match = _COT_RE.fullmatch(response)
+    if not match:
+        return None
+    steps = [(int(x), int(y), int(bool(c)), int(s)) for x, y, c, s in _STEP_RE.findall(match[1])]
+    return steps, int(match[len(match.groups())])
+
+
+def _operand(digits: int, rng: random.Random) -> int:
+    return rng.randint(0, 9) if digits == 1 else rng.randint(10 ** (digits - 1), 10**digits - 1)
+
+
+def build_arithmetic_cot(
+    seed: int, config: ArithmeticCotConfig
+) -> dict[str, list[dict[str, str]]]:
+    """The records of the `arithmetic_cot` files, {file stem: records}; the same for the same
+    seed."""
+    rng = random.Random(f"arithmetic_cot/{seed}")
+    seen: set[tuple[int, int]] = set()
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < config.n_train + config.n_eval:
+        pair = tuple(_operand(rng.randint(1, config.max_digits), rng) for _ in range(2))
+        if pair not in seen:  # distinct pairs, so no held-out prompt is also a training one
+            seen.add(pair)
+            pairs.append(pair)
+    eval_pairs, train_pairs = pairs[: config.n_eval], pairs[config.n_eval :]
+    wrong = _wrong_indices(len(train_pairs), config.wrong_fraction, rng)
+    sft_train = []
+    for i, (a, b) in enumerate(train_pairs):
+        completion = cot_completion_with_slip(a, b, rng) if i in wrong else cot_completion(a, b)
+        sft_train.append({"prompt": _prompt(a, b), "completion": completion})
+    return {
+        "sft_train": sft_train,
+        "sft_eval": [
+            {"prompt": _prompt(a, b), "completion": cot_completion(a, b)} for a, b in eval_pairs
+        ],
+        "rl_train": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in train_pairs],
+        "rl_eval": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in eval_pairs],
+    }

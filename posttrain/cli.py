@@ -76,6 +76,80 @@ def _tasks_make(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAINERS = {
+    "sft": ("posttrain.trainers.sft", "SFTConfig", "SFTTrainer",
+            "supervised fine-tuning (completion-only loss)"),
+    "rm": ("posttrain.trainers.reward", "RMConfig", "RewardModelTrainer",
+           "train a Bradley-Terry reward model on preference pairs"),
+    "dpo": ("posttrain.trainers.dpo", "DPOConfig", "DPOTrainer",
+            "direct preference optimisation (DPO, cDPO, IPO, DPO-P, DPO+SFT, ...)"),
+    "rl": ("posttrain.trainers.rl", "RLConfig", "RLTrainer",
+           "RL with a preset: ppo, ppo_ptx, grpo, dr_grpo, dapo, rloo, reinforce_pp, "
+           "reinforce_pp_baseline, vc_ppo, vapo"),
+}
+
+
+def _config_epilog(command: str) -> str:
+    """Every config key with its default and meaning, for `posttrain COMMAND --help`."""
+    import importlib
+
+    from posttrain.config import config_help
+
+    module, cfg_name, _, _ = TRAINERS[command]
+    rows = config_help(getattr(importlib.import_module(module), cfg_name))
+    width = max(len(k) for k, _, _ in rows) + 2
+    lines = ["config keys (set in the YAML file or as --KEY VALUE):"]
+    for key, default, text in rows:
+        lines.append(f"  --{key:<{width}} {text} [default: {default}]")
+    return "\n".join(lines)
+
+
+def _train(args: argparse.Namespace, extra: list[str]) -> int:
+    import importlib
+
+    from posttrain import pipeline
+    from posttrain.config import load_config, merge, parse_overrides
+    from posttrain.errors import NonFiniteError, PosttrainError
+
+    command = args.command
+    module, cfg_name, trainer_name, _ = TRAINERS[command]
+    try:
+        mod = importlib.import_module(module)
+        base: dict = {}
+        preset: dict = {}
+        if command == "rl" and args.preset:
+            preset = pipeline.load_preset(args.preset)
+        if args.task:
+            task_dir = pipeline.ensure_task(args.task)
+            base = {"sft": pipeline.sft_base, "rm": pipeline.rm_base,
+                    "dpo": pipeline.dpo_base}.get(command, lambda d: {})(task_dir)
+            if command == "rl":
+                # the task adapts the preset (e.g. a critic from the policy under rule rewards)
+                base = pipeline.rl_base(task_dir, preset)
+        base = merge(preset, base) if command == "rl" else base
+        overrides = parse_overrides(extra)
+        if args.resume:
+            overrides = merge(overrides, {"run": {"resume": True}})
+        cfg = load_config(getattr(mod, cfg_name), args.config, overrides,
+                          preset_dir=pipeline.preset_dir(), base=base)
+        trainer = getattr(mod, trainer_name)(cfg)
+        result = trainer.train()
+    except NonFiniteError as err:
+        print(f"posttrain {command}: stopped: {err}", file=sys.stderr)
+        return 1
+    except PosttrainError as err:
+        print(f"posttrain {command}: error: {err}", file=sys.stderr)
+        return 2
+    if result.status == "interrupted":
+        print(f"stopped at step {result.steps_done}; resume with the same command and --resume")
+        return 130
+    print(f"finished {result.steps_done} steps in {result.seconds:.0f}s; run directory "
+          f"{result.run_dir}, final model {result.final_dir}")
+    for k, v in sorted(result.eval_metrics.items()):
+        print(f"  {k:<28} {v:.4f}")
+    return 0
+
+
 def _tasks_help(parser: argparse.ArgumentParser):
     def show(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -123,15 +197,61 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
                       help="a task option, e.g. wrong_fraction=0.3 (repeatable)")
     make.set_defaults(func=_tasks_make)
+
+    for command, (_, _, _, text) in TRAINERS.items():
+        p = sub.add_parser(
+            command, help=text, description=text,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.__class__ = _TrainerParser
+        p.command = command
+        p.add_argument("--config", metavar="FILE", help="YAML config (may say `base: other.yaml`)")
+        p.add_argument("--task", metavar="NAME",
+                       help="run on a built-in task (data, tiny model and earlier stages are "
+                       "made under runs/tasks/NAME on first use)")
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint of the run")
+        if command == "rl":
+            p.add_argument("--preset", metavar="NAME",
+                           help="algorithm preset (see the list above)")
+        p.set_defaults(func=_train, takes_overrides=True)
     return parser
+
+
+def _quiet_libraries() -> None:
+    """transformers' own progress bars and load reports would bury ours."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+class _TrainerParser(argparse.ArgumentParser):
+    """Lists every config key in --help, importing the trainer only when help is shown."""
+
+    command = ""
+
+    def format_help(self) -> str:
+        self.epilog = _config_epilog(self.command)
+        return super().format_help()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    _quiet_libraries()
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "takes_overrides", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

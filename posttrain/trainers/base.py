@@ -344,6 +344,10 @@ class Trainer:
         status: Literal["finished", "interrupted"] = "finished"
         eval_metrics: dict[str, float] = {}
         try:
+            if self.step == 0 and self.run.eval_every:
+                start = self.evaluate()  # the starting point, for before/after comparisons
+                if start:
+                    logger.log(0, start)
             with _StopRequest() as stop:
                 while self.step < self.run.steps:
                     t0 = time.time()

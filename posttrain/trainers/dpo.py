@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -48,12 +48,27 @@ class DPOLossConfig:
 
 
 @dataclass(frozen=True)
+class PolicyEvalConfig:
+    reward: dict[str, Any] | None = doc(
+        "A reward spec (as in `posttrain rl`'s reward.terms) to score sampled responses to the "
+        "held-out prompts at each evaluation, logged as eval/reward (null: off).", None)
+    reward_base_dir: str | None = doc("Directory relative reward paths are resolved against.",
+                                      None)
+    prompts: int = doc("Held-out prompts answered.", 64)
+    samples_per_prompt: int = doc("Responses per prompt (sampled with a fixed seed).", 4)
+    max_new_tokens: int = doc("Response length limit.", 16)
+    temperature: float = doc("Sampling temperature (0: greedy).", 1.0)
+
+
+@dataclass(frozen=True)
 class DPOConfig:
     model: ModelConfig = doc("The policy to train, usually the SFT model.")
     data: DataConfig = doc("prompt+chosen+rejected records.")
     optim: OptimConfig = doc("Optimiser.", default_factory=lambda: OptimConfig(lr=1e-4))
     run: RunConfig = doc("The loop.", default_factory=lambda: RunConfig(name="dpo"))
     dpo: DPOLossConfig = doc("The loss.", default_factory=DPOLossConfig)
+    eval: PolicyEvalConfig = doc("Held-out evaluation of sampled responses.",
+                                 default_factory=PolicyEvalConfig)
 
 
 class DPOTrainer(Trainer):
@@ -77,6 +92,12 @@ class DPOTrainer(Trainer):
         self.train_items = list(enumerate(pairs))
         self.eval_items = list(enumerate(tokenize_preferences(held, self.tokenizer,
                                                               config.data.truncation)))
+        self.eval_prompts = held[: config.eval.prompts]
+        self.eval_reward = None
+        if config.eval.reward is not None:
+            from posttrain.rewards.build import build_rewards
+
+            self.eval_reward = build_rewards([config.eval.reward], config.eval.reward_base_dir)
         self.ref_cache: dict[str, Tensor] = {}
         if self.reference is not None and d.precompute_reference:
             self.ref_cache["train"] = self.reference_logps(self.train_items)
@@ -150,11 +171,35 @@ class DPOTrainer(Trainer):
             for k, v in out.metrics.items():
                 key = "eval/" + k.split("/")[-1]
                 sums[key] = sums.get(key, 0.0) + float(v) * len(chunk)
+        out = {k: v / len(self.eval_items) for k, v in sums.items()}
+        if self.eval_reward is not None and self.eval_prompts:
+            out.update(sampled_reward(self.model, self.tokenizer, self.eval_prompts,
+                                      self.eval_reward, self.config.eval, self.run.seed))
         self.model.train()
-        return {k: v / len(self.eval_items) for k, v in sums.items()}
+        return out
 
     def parameters(self):
         params = super().parameters()
         if not params:
             raise ConfigError("the DPO policy has no trainable parameters")
         return params
+
+
+@torch.no_grad()
+def sampled_reward(model, tokenizer, examples, reward_fn, cfg: PolicyEvalConfig,
+                   seed: int) -> dict[str, float]:
+    """Mean reward of responses sampled (with a fixed seed) for held-out prompts."""
+    from posttrain.data.collate import tokenize_prompts
+    from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+
+    engine = HFGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                              decode=tokenizer.decode)
+    pairs = tokenize_prompts(examples, tokenizer)
+    sampling = SamplingConfig(samples_per_prompt=cfg.samples_per_prompt,
+                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              seed=seed + 7919)
+    exp = engine.generate([ids for ids, _ in pairs], sampling,
+                          prompts=[ex.prompt for _, ex in pairs])
+    scores = reward_fn.score(list(exp.prompts), list(exp.texts)).total
+    return {"eval/reward": sum(scores) / len(scores),
+            "eval/response_length": float(exp.response_lengths.float().mean())}

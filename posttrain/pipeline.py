@@ -1,0 +1,167 @@
+"""`--task NAME`: run any trainer on a built-in task without writing a config.
+
+The task's data and tiny model are written once under `runs/tasks/<task>/`; the stages a
+trainer needs first (an SFT model for RM/DPO/RL, a reward model for PPO on `preference`) are
+trained once with the task's defaults and reused. Anything can still be overridden on the
+command line (`--optim.lr`, `--run.steps`, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from posttrain.errors import ConfigError
+
+TASK_ROOT = Path("runs") / "tasks"
+
+# Per task: SFT budget and response length that suit the tiny model on 2 CPU cores.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "arithmetic": {"sft_steps": 300, "max_new_tokens": 4, "sft_lr": 3e-3},
+    "arithmetic_cot": {"sft_steps": 600, "max_new_tokens": 40, "sft_lr": 3e-3},
+    "preference": {"sft_steps": 200, "max_new_tokens": 14, "sft_lr": 3e-3},
+}
+
+
+def task_info(task_dir: Path) -> dict[str, Any]:
+    return json.loads((task_dir / "task.json").read_text())
+
+
+def ensure_task(name: str, root: Path = TASK_ROOT, seed: int = 0) -> Path:
+    """The task directory, written on first use."""
+    from posttrain.tasks import get_task
+
+    task = get_task(name)
+    out = Path(root) / name
+    if not (out / "task.json").exists():
+        print(f"writing task {name!r} to {out}/", flush=True)
+        task.make(out, seed=seed)
+    return out
+
+
+def _file(task_dir: Path, key: str) -> str:
+    info = task_info(task_dir)
+    if key not in info["files"]:
+        raise ConfigError(f"task {info['name']!r} has no {key} data; it has "
+                          f"{', '.join(info['files'])}")
+    return str(task_dir / info["files"][key]["path"])
+
+
+def _defaults(task_dir: Path) -> dict[str, Any]:
+    return TASK_DEFAULTS.get(task_info(task_dir)["name"], TASK_DEFAULTS["arithmetic"])
+
+
+def sft_base(task_dir: Path) -> dict[str, Any]:
+    d = _defaults(task_dir)
+    return {
+        "model": {"path": str(task_dir / "model")},
+        "data": {"train": _file(task_dir, "sft_train"), "eval": _file(task_dir, "sft_eval")},
+        "optim": {"lr": d["sft_lr"], "warmup_steps": 20, "schedule": "cosine"},
+        "run": {"output_dir": str(task_dir), "name": "sft", "steps": d["sft_steps"],
+                "batch_size": 64, "eval_every": max(1, d["sft_steps"] // 3), "log_every": 25},
+        "eval": {"generate_samples": 100, "max_new_tokens": d["max_new_tokens"]},
+    }
+
+
+def ensure_sft(task_dir: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """The task's SFT model (trained with the task defaults on first use)."""
+    final = task_dir / "sft" / "final"
+    if (final / "config.json").exists():
+        return final
+    from posttrain.config import load_config, merge
+    from posttrain.trainers.sft import SFTConfig, SFTTrainer
+
+    print(f"training the SFT model for {task_dir.name} first ({final})", flush=True)
+    cfg = load_config(SFTConfig, overrides=merge(sft_base(task_dir), overrides or {}))
+    SFTTrainer(cfg).train()
+    return final
+
+
+def rm_base(task_dir: Path) -> dict[str, Any]:
+    sft = ensure_sft(task_dir)
+    return {
+        "model": {"path": str(sft)},
+        "data": {"train": _file(task_dir, "pref_train"), "eval": _file(task_dir, "pref_eval")},
+        "optim": {"lr": 1e-3, "warmup_steps": 10, "schedule": "cosine"},
+        "run": {"output_dir": str(task_dir), "name": "rm", "steps": 150, "batch_size": 32,
+                "eval_every": 50, "log_every": 25},
+    }
+
+
+def ensure_rm(task_dir: Path) -> Path:
+    final = task_dir / "rm" / "final"
+    if (final / "config.json").exists():
+        return final
+    from posttrain.config import load_config
+    from posttrain.trainers.reward import RewardModelTrainer, RMConfig
+
+    print(f"training the reward model for {task_dir.name} first ({final})", flush=True)
+    RewardModelTrainer(load_config(RMConfig, overrides=rm_base(task_dir))).train()
+    return final
+
+
+def dpo_base(task_dir: Path) -> dict[str, Any]:
+    sft = ensure_sft(task_dir)
+    return {
+        "model": {"path": str(sft)},
+        "data": {"train": _file(task_dir, "pref_train"), "eval": _file(task_dir, "pref_eval")},
+        "optim": {"lr": 5e-4, "warmup_steps": 10},
+        "run": {"output_dir": "runs", "name": "dpo", "steps": 100, "batch_size": 32,
+                "eval_every": 50, "log_every": 25},
+        # the hidden gold scorer judges sampled responses (it is not trained on)
+        "eval": {"reward": task_info(task_dir)["reward"], "reward_base_dir": str(task_dir),
+                 "max_new_tokens": _defaults(task_dir)["max_new_tokens"]},
+    }
+
+
+def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
+    """Model, data and rewards for RL on the task; the preset supplies the algorithm."""
+    info = task_info(task_dir)
+    d = _defaults(task_dir)
+    sft = ensure_sft(task_dir)
+    reward: dict[str, Any] = {"base_dir": str(task_dir)}
+    algo: dict[str, Any] = {}
+    if info["name"] == "preference":
+        # InstructGPT: the learned reward model is the training signal; the hidden gold
+        # scorer only judges.
+        rm = ensure_rm(task_dir)
+        reward["terms"] = [{"name": "reward_model", "path": str(rm)}]
+        reward["gold"] = info["reward"]
+    else:
+        reward["terms"] = [info["reward"]]
+        if preset.get("algo", {}).get("critic_init", "reward_model") == "reward_model":
+            algo["critic_init"] = "policy"  # rule rewards: there is no reward model
+    if preset.get("algo", {}).get("ptx_coef"):
+        algo["ptx_data"] = _file(task_dir, "sft_train")
+    return {
+        "model": {"path": str(sft)},
+        "data": {"train": _file(task_dir, "rl_train"), "eval": _file(task_dir, "rl_eval")},
+        "reward": reward,
+        "algo": algo,
+        "rollout": {"max_new_tokens": d["max_new_tokens"]},
+        "optim": {"lr": 2e-4},
+        "run": {"output_dir": "runs", "name": f"rl-{preset.get('preset', 'custom')}",
+                "steps": 40, "eval_every": 10, "log_every": 5},
+    }
+
+
+def preset_dir() -> Path:
+    return Path(__file__).parent / "presets"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    from posttrain.config import read_yaml
+
+    path = preset_dir() / f"{name}.yaml"
+    if not path.exists():
+        import difflib
+
+        close = difflib.get_close_matches(name, list_presets(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}.{hint}")
+    return read_yaml(path, preset_dir())

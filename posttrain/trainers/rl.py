@@ -1,0 +1,662 @@
+"""One RL trainer for every preset: PPO, PPO-ptx, GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++,
+REINFORCE++-baseline, VC-PPO and VAPO differ only in `AlgoConfig` fields.
+
+    step = rollout -> score -> shape -> advantages -> update -> (log, checkpoint)
+
+Every formula lives in `posttrain.algos`; this file only wires the phases together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from posttrain import algos
+from posttrain.algos import (
+    ADVANTAGE_ESTIMATORS,
+    POLICY_LOSSES,
+    aggregate_loss,
+    compute_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_sum,
+    whiten_advantages,
+)
+from posttrain.config import doc
+from posttrain.data.collate import (
+    TokenizedExample,
+    collate_sequences,
+    micro_batches_by_tokens,
+    tokenize_prompts,
+    tokenize_sft,
+)
+from posttrain.data.formats import Example
+from posttrain.data.loading import load_examples, shuffled
+from posttrain.errors import ConfigError
+from posttrain.models.forward import response_logprobs, response_values, sequence_logprobs
+from posttrain.models.load import (
+    AdapterDisabledReference,
+    load_causal_lm,
+    load_critic,
+    load_reference,
+    load_tokenizer,
+    save_model,
+)
+from posttrain.rewards.build import build_rewards
+from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+from posttrain.rollout.experience import Experience
+from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, load_weights, lr_lambda
+from posttrain.trainers.common import DataConfig, ModelConfig
+
+Metrics = dict[str, float]
+
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """The choices that make an algorithm (ALGORITHMS.md section 8)."""
+
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                       "reinforce_pp_baseline"] = doc("Advantage estimator.", "grpo")
+    gamma: float = doc("Discount γ.", 1.0)
+    lam: float = doc("GAE λ of the policy's advantages (λ_actor).", 0.95)
+    critic_lam: float | None = doc("GAE λ of the critic's returns (decoupled GAE; null: = lam).",
+                                   None)
+    lambda_schedule: Literal["fixed", "length_adaptive"] = doc(
+        "fixed λ, or VAPO's length-adaptive λ = 1 − 1/(α·|y|).", "fixed")
+    length_alpha: float = doc("α of the length-adaptive λ.", 0.05)
+    whiten: Literal["none", "group", "global"] = doc("Advantage whitening.", "none")
+    kl_placement: Literal["none", "reward", "loss"] = doc(
+        "KL to the reference: off, as a token-level penalty in the reward, or a loss term.",
+        "loss")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("KL estimator (reward placement uses k1).",
+                                                  "k3")
+    kl_coef: float = doc("KL coefficient β (the start value for adaptive controllers).", 0.04)
+    kl_controller: Literal["fixed", "adaptive", "ppo_adaptive"] = doc(
+        "fixed β, the proportional controller (Ziegler et al.), or the PPO-paper rule.", "fixed")
+    kl_target: float | None = doc("Target KL per sequence for adaptive controllers.", None)
+    kl_horizon: float = doc("Horizon of the proportional controller.", 10000.0)
+    policy_loss: Literal["clipped", "unclipped"] = doc("Surrogate loss.", "clipped")
+    clip_low: float = doc("ε_low of the clipped ratio.", 0.2)
+    clip_high: float = doc("ε_high of the clipped ratio (clip-higher: 0.28).", 0.2)
+    dual_clip: float | None = doc("Dual-clip constant c for A < 0 (null: off).", None)
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = doc(
+        "How the per-token loss becomes a scalar.", "seq-mean-token-mean")
+    epochs: int = doc("Update epochs over each rollout batch (K).", 1)
+    mini_batches: int = doc("Optimiser steps per epoch (the batch is split in this many).", 1)
+    entropy_coef: float = doc("Entropy bonus coefficient c_ent.", 0.0)
+    reward_clip: float | None = doc("Clip sequence rewards to [−c, c] (null: off).", None)
+    reward_whiten: bool = doc("Whiten sequence rewards over the batch (scale only).", False)
+    ptx_coef: float = doc("γ_ptx: weight of the pretraining/SFT NLL (PPO-ptx).", 0.0)
+    ptx_data: str | None = doc("Text or prompt+completion data for the ptx loss.", None)
+    ptx_batch_size: int = doc("ptx sequences per optimiser step.", 8)
+    positive_lm_coef: float = doc("μ of VAPO's NLL on correct responses.", 0.0)
+    positive_threshold: float = doc("A response is correct when its reward is above this.", 0.5)
+    critic_init: Literal["reward_model", "policy"] = doc(
+        "Initialise the critic from the reward model or from the policy (fresh head).",
+        "reward_model")
+    critic_path: str | None = doc("Critic start weights (default: the reward model for "
+                                  "reward_model init, else the policy).", None)
+    critic_lr: float | None = doc("Critic learning rate (default: optim.lr).", None)
+    value_clip: float | None = doc("ε_v of the clipped value loss (null: off).", 0.2)
+    value_pretrain_steps: int = doc("Steps fitting the critic to Monte-Carlo returns with the "
+                                    "policy frozen, before RL (VC-PPO/VAPO).", 0)
+    value_pretrain_patience: int = doc("Stop value pretraining when explained variance has not "
+                                       "improved by 0.01 for this many steps.", 10)
+    dynamic_sampling: bool = doc("DAPO: drop groups whose rewards are all equal and refill.",
+                                 False)
+    max_sampling_rounds: int = doc("Rollout rounds tried to fill a batch (dynamic sampling).", 4)
+    overlong: Literal["none", "penalty", "mask"] = doc(
+        "Responses that hit max_new_tokens: keep, soft length penalty (DAPO), or mask out.",
+        "none")
+    overlong_cache: int = doc("L_cache of the soft overlong penalty, in tokens.", 4)
+    overlong_penalty: float = doc("Penalty at and beyond the limit.", 1.0)
+
+    def __post_init__(self) -> None:
+        if self.value_pretrain_steps > 0 and not self.needs_critic:
+            raise ConfigError(f"algo.value_pretrain_steps needs a critic, but the advantage "
+                              f"estimator {self.advantage!r} uses none (use gae)")
+        if self.epochs < 1 or self.mini_batches < 1:
+            raise ConfigError("algo.epochs and algo.mini_batches must be >= 1")
+        if self.kl_controller != "fixed" and self.kl_target is None:
+            raise ConfigError(f"algo.kl_controller={self.kl_controller} needs algo.kl_target")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data (text or SFT data)")
+
+    @property
+    def needs_critic(self) -> bool:
+        return ADVANTAGE_ESTIMATORS.get(self.advantage).needs_values
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    prompts_per_step: int = doc("Prompts per RL step (global).", 8)
+    samples_per_prompt: int = doc("Responses per prompt (the group size G).", 4)
+    max_new_tokens: int = doc("Response length limit.", 16)
+    temperature: float = doc("Sampling temperature (also used for the log-probs).", 1.0)
+    top_p: float = doc("Nucleus sampling (1: off).", 1.0)
+    top_k: int = doc("Top-k sampling (0: off).", 0)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    terms: list[dict[str, Any]] = doc(
+        "Reward terms, summed with their `weight`: a rule ({name: exact_match, column: "
+        "answer}), {name: reward_model, path: DIR}, or {name: x, function: 'module:fn'}.",
+        default_factory=list)
+    gold: dict[str, Any] | None = doc("A gold reward for evaluation only (e.g. a task's hidden "
+                                      "scorer), logged as eval/gold.", None)
+    on_error: Literal["raise", "score"] = doc("A reward function that fails: stop the run, or "
+                                              "score the sample with error_score.", "raise")
+    error_score: float = doc("Score of a failing sample with on_error=score.", 0.0)
+    base_dir: str | None = doc("Directory that relative reward paths are resolved against.", None)
+
+
+@dataclass(frozen=True)
+class RLEvalConfig:
+    prompts: int = doc("Held-out prompts answered (greedily) at each evaluation.", 64)
+    kl_to_reference: bool = doc("Measure the KL to the reference even when the algorithm has "
+                                "no KL term (one more forward pass per step).", True)
+    samples_logged: int = doc("Sample responses written to samples.jsonl per logging step.", 4)
+    samples_per_prompt: int = doc(
+        "Responses sampled per held-out prompt at the rollout temperature (eval/reward_sampled:"
+        " the accuracy of the stochastic policy itself; 0: greedy only).", 4)
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    model: ModelConfig = doc("The policy, usually the SFT model; also the reference.")
+    data: DataConfig = doc("Prompt records (with the columns the reward needs).")
+    reward: RewardConfig = doc("Reward functions.", default_factory=RewardConfig)
+    algo: AlgoConfig = doc("The algorithm.", default_factory=AlgoConfig)
+    rollout: RolloutConfig = doc("Sampling.", default_factory=RolloutConfig)
+    optim: OptimConfig = doc("Policy optimiser.", default_factory=lambda: OptimConfig(lr=1e-5))
+    run: RunConfig = doc("The loop (run.steps counts RL steps).",
+                         default_factory=lambda: RunConfig(name="rl"))
+    eval: RLEvalConfig = doc("Held-out evaluation.", default_factory=RLEvalConfig)
+    reference: str | None = doc("Reference model (default: model.path).", None)
+    preset: str | None = doc("The preset this config started from (informational).", None)
+
+
+class RLTrainer(Trainer):
+    kind = "rl"
+
+    def __init__(self, config: RLConfig) -> None:
+        super().__init__(config, config.run, config.optim)
+        m, a = config.model, config.algo
+        self.algo = a
+        self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
+        self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
+        self.reference = None
+        if a.kl_placement != "none" or config.eval.kl_to_reference:
+            if m.lora is not None and config.reference is None:
+                self.reference = AdapterDisabledReference(self.model)
+            else:
+                self.reference = load_reference(config.reference or m.path, m.dtype,
+                                                self.device, m.trust_remote_code)
+        self.critic = None
+        if a.needs_critic:
+            path, init = self._critic_source()
+            self.critic = load_critic(path, init, m.dtype, self.device, m.trust_remote_code)
+            self.critic.config.pad_token_id = self.tokenizer.pad_token_id
+        base_dir = config.reward.base_dir
+        self.reward_fn = build_rewards(config.reward.terms, base_dir, str(self.device),
+                                       config.reward.on_error, config.reward.error_score)
+        self.gold_fn = (build_rewards([config.reward.gold], base_dir, str(self.device))
+                        if config.reward.gold else None)
+        self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
+                                               a.kl_horizon)
+        self.engine = HFGenerateEngine(self.model, self.tokenizer.pad_token_id,
+                                       self.tokenizer.eos_token_id, decode=self.tokenizer.decode)
+        train = load_examples(config.data.train, "prompt", config.data.split, config.data.limit)
+        held = load_examples(config.data.eval, "prompt", config.data.split) if config.data.eval \
+            else []
+        policy = config.data.truncation
+        self.train_items = tokenize_prompts(train, self.tokenizer, policy)
+        self.eval_items = tokenize_prompts(held, self.tokenizer, policy)[: config.eval.prompts]
+        self.ptx_items: list[TokenizedExample] = []
+        if a.ptx_coef > 0:
+            self.ptx_items = tokenize_sft(load_examples(a.ptx_data), self.tokenizer)
+        self.prompt_cursor = 0
+        self.value_pretrained = a.value_pretrain_steps == 0
+        self._order: tuple[int, list[int]] | None = None
+
+    def _critic_source(self) -> tuple[str, str]:
+        a, cfg = self.algo, self.config
+        if a.critic_path:
+            return a.critic_path, a.critic_init
+        if a.critic_init == "reward_model":
+            rm = next((t for t in cfg.reward.terms if isinstance(t, dict)
+                       and t.get("name") == "reward_model"), None)
+            if rm is None:
+                raise ConfigError(
+                    "algo.critic_init=reward_model but no reward_model reward term is set; give "
+                    "algo.critic_path, or set algo.critic_init=policy (rule rewards)")
+            return str(Path(cfg.reward.base_dir or ".") / rm["path"]) if cfg.reward.base_dir \
+                and not Path(rm["path"]).is_absolute() else rm["path"], "reward_model"
+        return cfg.model.path, "policy"
+
+    # ----------------------------------------------------------------- optimisers, state
+    def build_optimizer(self) -> None:
+        super().build_optimizer()
+        self.critic_optimizer = None
+        if self.critic is not None:
+            o = self.optim_cfg
+            self.critic_optimizer = torch.optim.AdamW(
+                [p for p in self.critic.parameters() if p.requires_grad],
+                lr=self.algo.critic_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                weight_decay=o.weight_decay)
+            self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.critic_optimizer, lr_lambda(o, self.run.steps))
+
+    def save_models(self, directory: Path) -> None:
+        super().save_models(directory)
+        if self.critic is not None:
+            self.critic.save_pretrained(directory / "critic")
+            torch.save(self.critic_optimizer.state_dict(), directory / "critic_optimizer.pt")
+            torch.save(self.critic_scheduler.state_dict(), directory / "critic_scheduler.pt")
+
+    def load_models(self, directory: Path) -> None:
+        from posttrain.checkpoint import load_torch
+
+        super().load_models(directory)
+        if self.critic is not None:
+            load_weights(self.critic, directory / "critic")
+            self.critic_optimizer.load_state_dict(load_torch(directory / "critic_optimizer.pt"))
+            self.critic_scheduler.load_state_dict(load_torch(directory / "critic_scheduler.pt"))
+
+    def save_final(self, directory: Path) -> None:
+        super().save_final(directory)
+        if self.critic is not None:
+            save_model(self.critic, directory / "critic", self.tokenizer)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl": self.kl_ctl.state_dict(), "prompt_cursor": self.prompt_cursor,
+                "value_pretrained": self.value_pretrained}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.load_state_dict(state["kl"])
+        self.prompt_cursor = state["prompt_cursor"]
+        self.value_pretrained = state["value_pretrained"]
+
+    # ----------------------------------------------------------------- the step
+    def batch_for_step(self, step: int) -> list[Any]:
+        return []  # prompts are drawn inside the step (dynamic sampling may take more)
+
+    def optimizer_step(self, items: Sequence[Any]) -> Metrics:
+        if not self.value_pretrained:
+            self.pretrain_values()
+        exp, metrics = self.collect()                 # rollout + score (+ dynamic sampling)
+        exp = self.shape(exp)                         # KL-in-reward, clipping, overlong
+        exp = self.advantages(exp)                    # estimator, λ schedule, whitening
+        metrics.update(self.update(exp))              # K epochs of mini-batch updates
+        metrics.update(self.rollout_metrics(exp))
+        metrics["kl/coef"] = self.kl_ctl.value
+        self.kl_ctl.update(metrics["kl/ref_seq"], len(exp))
+        self.scheduler.step()
+        if self.critic is not None:
+            self.critic_scheduler.step()
+        self.log_samples(exp)
+        return metrics
+
+    # -- rollout and score
+    def next_prompts(self, n: int) -> list[tuple[list[int], Example]]:
+        """The next `n` prompts of a seeded per-epoch shuffle; the cursor survives resume."""
+        out = []
+        total = len(self.train_items)
+        for _ in range(n):
+            epoch, pos = divmod(self.prompt_cursor, total)
+            if self._order is None or self._order[0] != epoch:
+                self._order = (epoch, shuffled(range(total), self.run.seed + epoch))
+            out.append(self.train_items[self._order[1][pos]])
+            self.prompt_cursor += 1
+        return out
+
+    def rollout(self, prompts: list[tuple[list[int], Example]], seed: int) -> Experience:
+        r = self.config.rollout
+        sampling = SamplingConfig(samples_per_prompt=r.samples_per_prompt,
+                                  max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                  top_p=r.top_p, top_k=r.top_k, seed=seed)
+        columns = sorted({k for _, ex in prompts for k in ex.extra})
+        meta = {k: [ex.extra.get(k) for _, ex in prompts] for k in columns}
+        return self.engine.generate([ids for ids, _ in prompts], sampling,
+                                    prompts=[ex.prompt for _, ex in prompts], meta=meta)
+
+    def rewards(self, exp: Experience) -> tuple[Tensor, Metrics]:
+        result = self.reward_fn.score(list(exp.prompts), list(exp.texts), **exp.meta)
+        metrics = {f"reward/{k}": sum(v) / len(v) for k, v in result.terms.items()}
+        metrics.update({f"reward/{k}_errors": float(v) for k, v in result.errors.items() if v})
+        return torch.tensor(result.total, dtype=torch.float32, device=self.device), metrics
+
+    def collect(self) -> tuple[Experience, Metrics]:
+        """Rollout and score; with dynamic sampling, keep only groups with reward variance and
+        sample more prompts until the batch is full (or the rounds run out)."""
+        r, a = self.config.rollout, self.algo
+        parts: list[Experience] = []
+        kept_groups, metrics = 0, {}
+        rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
+        for round_ in range(rounds):
+            need = r.prompts_per_step - kept_groups
+            seed = (self.run.seed * 1_000_003 + self.step * 101 + round_) % (2**31)
+            exp = self.rollout(self.next_prompts(need), seed)
+            scores, metrics = self.rewards(exp)
+            exp = exp.replace(scores=scores)
+            if a.dynamic_sampling:
+                keep = _groups_with_variance(exp.scores, exp.group_ids)
+                metrics["sampling/kept_fraction"] = float(keep.float().mean())
+                exp = exp.select(torch.nonzero(keep).flatten().cpu())
+            if len(exp):
+                exp = exp.replace(group_ids=exp.group_ids + 1_000 * round_)
+                parts.append(exp)
+                kept_groups += len(exp) // r.samples_per_prompt
+            if kept_groups >= r.prompts_per_step:
+                break
+        if not parts:
+            # every group had equal rewards: nothing to learn from, take the last batch as is
+            exp = self.rollout(self.next_prompts(r.prompts_per_step), seed + 7)
+            scores, metrics = self.rewards(exp)
+            parts = [exp.replace(scores=scores)]
+        exp = Experience.concat(parts, self.tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
+        metrics["sampling/rounds"] = float(round_ + 1)
+        return self.score(exp.to(self.device)), metrics
+
+    @torch.no_grad()
+    def score(self, exp: Experience) -> Experience:
+        """One no-grad pass each: π_old log-probs, π_ref log-probs (if KL), values (if critic)."""
+        t = self.config.rollout.temperature or 1.0
+        old, ref, values = [], [], []
+        self.model.eval()
+        for idx in self._micro_indices(exp):
+            ids, att = exp.input_ids[idx], exp.attention_mask[idx]
+            old.append(response_logprobs(self.model, ids, att, exp.response_len, t)[0])
+            if self.reference is not None:
+                ref.append(response_logprobs(self.reference, ids, att, exp.response_len, t)[0])
+            if self.critic is not None:
+                values.append(response_values(self.critic, ids, att, exp.response_len))
+        self.model.train()
+
+        def cat(parts):
+            return torch.cat(parts).float() * exp.response_mask if parts else None
+
+        return exp.replace(old_logp=cat(old), ref_logp=cat(ref), values=cat(values))
+
+    def _micro_indices(self, exp: Experience) -> list[list[int]]:
+        """Consecutive rows, as many as fit the token budget (all rows have the same width)."""
+        rows = max(1, self.run.micro_batch_tokens // exp.input_ids.shape[1])
+        return [list(range(s, min(s + rows, len(exp)))) for s in range(0, len(exp), rows)]
+
+    # -- shape
+    def shape(self, exp: Experience) -> Experience:
+        a = self.algo
+        scores = exp.scores.clone()
+        mask = exp.response_mask
+        if a.overlong == "penalty":
+            # DAPO soft overlong punishment in tokens: L_max = max_new_tokens.
+            l_max, cache = self.config.rollout.max_new_tokens, a.overlong_cache
+            lengths = exp.response_lengths.float()
+            over = ((lengths - (l_max - cache)) / cache).clamp(min=0.0, max=1.0)
+            scores = scores - a.overlong_penalty * over
+        if a.overlong == "mask":
+            mask = mask & ~exp.truncated[:, None]
+        if a.reward_clip is not None:
+            scores = scores.clamp(-a.reward_clip, a.reward_clip)
+        if a.reward_whiten:
+            scores = algos.masked_whiten(scores, torch.ones_like(scores), shift_mean=False)
+        if a.kl_placement == "reward":
+            kl = kl_estimate(exp.old_logp, exp.ref_logp, "k1")
+            token_rewards = algos.kl_penalized_rewards(scores, kl, mask, self.kl_ctl.value)
+        else:
+            token_rewards = algos.add_score_at_last_token(torch.zeros_like(exp.old_logp),
+                                                          scores, mask)
+        return exp.replace(response_mask=mask, token_rewards=token_rewards)
+
+    # -- advantages
+    def advantages(self, exp: Experience) -> Experience:
+        a = self.algo
+        lam = algos.policy_lambda(a.lambda_schedule, exp.response_mask, a.lam, a.length_alpha)
+        adv, returns = compute_advantages(
+            a.advantage, exp.token_rewards, exp.response_mask, values=exp.values,
+            group_ids=exp.group_ids, gamma=a.gamma, lam=lam, critic_lam=a.critic_lam)
+        adv = whiten_advantages(adv, exp.response_mask, a.whiten, exp.group_ids)
+        return exp.replace(advantages=adv, returns=returns)
+
+    # -- update
+    def update(self, exp: Experience) -> Metrics:
+        a = self.algo
+        sums: dict[str, float] = {}
+        count = 0
+        n = len(exp)
+        mini = max(1, math.ceil(n / a.mini_batches))
+        gen = torch.Generator().manual_seed(self.run.seed * 7 + self.step)
+        for _ in range(a.epochs):
+            order = torch.randperm(n, generator=gen) if a.epochs > 1 or a.mini_batches > 1 \
+                else torch.arange(n)
+            for s in range(0, n, mini):
+                batch = exp.select(order[s : s + mini])
+                metrics = self.update_minibatch(batch)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / count for k, v in sums.items()}
+
+    def update_minibatch(self, batch: Experience) -> Metrics:
+        """One optimiser step of the policy (and critic) on a mini-batch."""
+        a = self.algo
+        mask = batch.response_mask
+        totals = {"tokens": max(int(mask.sum()), 1), "seqs": max(int((mask.sum(-1) > 0).sum()), 1)}
+        positive = algos.positive_example_mask(mask, batch.scores, a.positive_threshold) \
+            if a.positive_lm_coef > 0 else None
+        pos_tokens = max(int(positive.sum()), 1) if positive is not None else 1
+        sums: dict[str, Tensor] = {}
+        t = self.config.rollout.temperature or 1.0
+        for idx in self._micro_indices(batch):
+            mb = batch.select(idx)
+            m = mb.response_mask
+            logp, entropy = response_logprobs(self.model, mb.input_ids, mb.attention_mask,
+                                              mb.response_len, t, with_entropy=True)
+            loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
+                logp, mb.old_logp, mb.advantages, m, clip_low=a.clip_low,
+                clip_high=a.clip_high, dual_clip=a.dual_clip)
+            if a.kl_placement == "loss":
+                loss_mat = loss_mat + self.kl_ctl.value * kl_estimate(
+                    logp, mb.ref_logp, a.kl_estimator) * m
+            if a.entropy_coef:
+                loss_mat = loss_mat - a.entropy_coef * entropy * m
+            loss = aggregate_loss(loss_mat, m, a.aggregation, num_tokens=totals["tokens"],
+                                  num_seqs=totals["seqs"],
+                                  norm_len=self.config.rollout.max_new_tokens)
+            if positive is not None:
+                pmask = positive[torch.as_tensor(idx, device=positive.device)]
+                loss = loss + a.positive_lm_coef * masked_sum(-logp, pmask) / pos_tokens
+            loss.backward()
+            share = m.sum() / totals["tokens"]
+            _add(sums, "loss/policy", loss.detach())
+            _add(sums, "policy/entropy", masked_mean(entropy.detach(), m) * share)
+            for k, v in pm.items():
+                _add(sums, k, v * share)
+            if self.critic is not None:
+                values = response_values(self.critic, mb.input_ids, mb.attention_mask,
+                                         mb.response_len)
+                vloss_mat, vm = algos.value_loss(values, mb.values, mb.returns, m, a.value_clip)
+                vloss = aggregate_loss(vloss_mat, m, a.aggregation, num_tokens=totals["tokens"],
+                                       num_seqs=totals["seqs"],
+                                       norm_len=self.config.rollout.max_new_tokens)
+                vloss.backward()
+                _add(sums, "loss/value", vloss.detach())
+                if "value/clipfrac" in vm:
+                    _add(sums, "value/clipfrac", vm["value/clipfrac"] * share)
+        if a.ptx_coef > 0:
+            _add(sums, "loss/ptx", self.ptx_backward())
+        out = {k: float(v) for k, v in sums.items()}
+        out["train/grad_norm"] = self._step_optimizer(self.optimizer, self.model)
+        if self.critic is not None:
+            out["value/grad_norm"] = self._step_optimizer(self.critic_optimizer, self.critic)
+        return out
+
+    def ptx_backward(self) -> Tensor:
+        """γ_ptx · token-mean NLL on a batch of pretraining/SFT text (PPO-ptx)."""
+        a = self.algo
+        total = len(self.ptx_items)
+        start = (self.step * a.ptx_batch_size) % total
+        items = [self.ptx_items[(start + i) % total] for i in range(a.ptx_batch_size)]
+        n_tokens = max(sum(sum(it.loss_mask[1:]) for it in items), 1)
+        out = torch.zeros((), device=self.device)
+        for idx in micro_batches_by_tokens([len(it.input_ids) for it in items],
+                                           self.run.micro_batch_tokens):
+            b = collate_sequences([items[i] for i in idx], self.tokenizer.pad_token_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            logp, mask = sequence_logprobs(self.model, b["input_ids"], b["attention_mask"],
+                                           b["loss_mask"])
+            loss = a.ptx_coef * masked_sum(-logp, mask) / n_tokens
+            loss.backward()
+            out += loss.detach()
+        return out
+
+    def _step_optimizer(self, optimizer, model) -> float:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm or math.inf)
+        norm_value = float(norm)
+        if math.isfinite(norm_value):
+            optimizer.step()
+        elif self.run.on_nonfinite == "stop":
+            from posttrain.errors import NonFiniteError
+
+            raise NonFiniteError(f"step {self.step + 1}: non-finite gradient norm; no weights "
+                                 "were written. Lower optim.lr or set run.on_nonfinite=skip")
+        optimizer.zero_grad(set_to_none=True)
+        return norm_value
+
+    # -- value pretraining (VC-PPO / VAPO)
+    def pretrain_values(self) -> None:
+        """Fit the critic to Monte-Carlo returns (λ = 1) with the policy frozen, before RL."""
+        a = self.algo
+        best, stale = -math.inf, 0
+        frozen = replace(a, critic_lam=1.0)
+        self._value_log = []
+        for i in range(a.value_pretrain_steps):
+            exp, _ = self.collect()
+            exp = self.shape(exp)
+            lam = algos.policy_lambda(frozen.lambda_schedule, exp.response_mask, frozen.lam,
+                                      frozen.length_alpha)
+            _, returns = compute_advantages("gae", exp.token_rewards, exp.response_mask,
+                                            values=exp.values, gamma=a.gamma, lam=lam,
+                                            critic_lam=1.0)
+            exp = exp.replace(returns=returns)
+            ev = self._fit_values(exp)
+            self._value_log.append({"pretrain_step": i + 1, "explained_variance": ev})
+            if ev > best + 0.01:
+                best, stale = ev, 0
+            else:
+                stale += 1
+            if stale >= a.value_pretrain_patience:
+                break
+        self.value_pretrained = True
+        print(f"value pretraining: {len(self._value_log)} steps, explained variance "
+              f"{self._value_log[-1]['explained_variance']:.3f}", flush=True)
+
+    def _fit_values(self, exp: Experience) -> float:
+        a = self.algo
+        mask = exp.response_mask
+        totals = max(int(mask.sum()), 1)
+        for idx in self._micro_indices(exp):
+            mb = exp.select(idx)
+            values = response_values(self.critic, mb.input_ids, mb.attention_mask,
+                                     mb.response_len)
+            vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns, mb.response_mask,
+                                            a.value_clip)
+            aggregate_loss(vloss_mat, mb.response_mask, "token-mean", num_tokens=totals).backward()
+        self._step_optimizer(self.critic_optimizer, self.critic)
+        return float(algos.explained_variance(exp.values, exp.returns, mask))
+
+    # -- metrics and evaluation
+    def rollout_metrics(self, exp: Experience) -> Metrics:
+        mask = exp.response_mask
+        out = {
+            "reward/mean": float(exp.scores.mean()),
+            "reward/std": float(exp.scores.std()) if len(exp) > 1 else 0.0,
+            "response/length": float(exp.response_lengths.float().mean()),
+            "response/truncated": float(exp.truncated.float().mean()),
+            "adv/mean": float(masked_mean(exp.advantages, mask)),
+        }
+        if exp.ref_logp is not None:
+            kl = kl_estimate(exp.old_logp, exp.ref_logp, "k1")
+            out["kl/ref_seq"] = float(masked_sum(kl, mask) / len(exp))
+            out["kl/ref_token"] = float(masked_mean(kl, mask))
+        else:
+            out["kl/ref_seq"] = 0.0
+        if exp.values is not None:
+            out["value/explained_variance"] = float(
+                algos.explained_variance(exp.values, exp.returns, mask))
+        # Mean advantage by token position: the value-bias signature (VC-PPO).
+        counts = mask.sum(0).clamp(min=1)
+        by_pos = ((exp.advantages * mask).sum(0) / counts).tolist()
+        with (self.run_dir / "advantage_by_position.jsonl").open("a") as f:
+            f.write(json.dumps({"step": self.step + 1, "mean_advantage": by_pos,
+                                "tokens": mask.sum(0).tolist()}) + "\n")
+        out["adv/first_token"] = by_pos[0] if by_pos else 0.0
+        return out
+
+    def log_samples(self, exp: Experience) -> None:
+        k = self.config.eval.samples_logged
+        if k <= 0 or (self.step + 1) % self.run.log_every:
+            return
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for i in range(min(k, len(exp))):
+                f.write(json.dumps({"step": self.step + 1, "prompt": exp.prompts[i],
+                                    "response": exp.texts[i],
+                                    "reward": float(exp.scores[i])}) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> Metrics:
+        """Held-out reward (and gold reward) of greedy answers and of sampled answers."""
+        if not self.eval_items:
+            return {}
+        r, e = self.config.rollout, self.config.eval
+        out = self._eval_with(SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=0), "")
+        if e.samples_per_prompt > 0 and r.temperature > 0:
+            # A fixed seed: every evaluation sees the same random numbers, so differences
+            # between evaluations come from the policy, not from sampling noise.
+            sampling = SamplingConfig(samples_per_prompt=e.samples_per_prompt,
+                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                                      top_p=r.top_p, top_k=r.top_k, seed=self.run.seed + 7919)
+            out.update(self._eval_with(sampling, "_sampled"))
+        return out
+
+    def _eval_with(self, sampling: SamplingConfig, suffix: str) -> Metrics:
+        exp = self.engine.generate([ids for ids, _ in self.eval_items], sampling,
+                                   prompts=[ex.prompt for _, ex in self.eval_items],
+                                   meta=_columns([ex for _, ex in self.eval_items]))
+        prompts, texts = list(exp.prompts), list(exp.texts)
+        scores = self.reward_fn.score(prompts, texts, **exp.meta).total
+        out = {f"eval/reward{suffix}": sum(scores) / len(scores),
+               f"eval/response_length{suffix}": float(exp.response_lengths.float().mean())}
+        if self.gold_fn is not None:
+            gold = self.gold_fn.score(prompts, texts, **exp.meta).total
+            out[f"eval/gold{suffix}"] = sum(gold) / len(gold)
+        return out
+
+
+def _columns(examples: Sequence[Example]) -> dict[str, list[Any]]:
+    keys = sorted({k for ex in examples for k in ex.extra})
+    return {k: [ex.extra.get(k) for ex in examples] for k in keys}
+
+
+def _add(sums: dict[str, Tensor], key: str, value: Tensor) -> None:
+    sums[key] = sums.get(key, 0.0) + value
+
+
+def _groups_with_variance(scores: Tensor, group_ids: Tensor) -> Tensor:
+    """(B,) True for samples whose group's rewards are not all equal."""
+    _, inverse = torch.unique(group_ids, return_inverse=True)
+    n = int(inverse.max()) + 1
+    hi = torch.full((n,), -math.inf, device=scores.device).scatter_reduce(0, inverse, scores,
+                                                                          "amax")
+    lo = torch.full((n,), math.inf, device=scores.device).scatter_reduce(0, inverse, scores,
+                                                                         "amin")
+    return (hi > lo)[inverse]

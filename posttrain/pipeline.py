@@ -18,7 +18,7 @@ TASK_ROOT = Path("runs") / "tasks"
 
 # Per task: SFT budget and response length that suit the tiny model on 2 CPU cores.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "arithmetic": {"sft_steps": 300, "max_new_tokens": 4, "sft_lr": 3e-3},
+    "arithmetic": {"sft_steps": 600, "max_new_tokens": 4, "sft_lr": 3e-3},
     "arithmetic_cot": {"sft_steps": 600, "max_new_tokens": 40, "sft_lr": 3e-3},
     "preference": {"sft_steps": 200, "max_new_tokens": 14, "sft_lr": 3e-3},
 }

@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.posttrain-installed
 
-.PHONY: quickstart test test-all lint clean-venv
+.PHONY: quickstart test test-fast lint clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +20,14 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(VENV)/bin/posttrain quickstart
 
+# The whole suite, the learning runs marked `slow` included (a few minutes on 2 cores).
 test: $(STAMP)
 	$(PY) -m ruff check posttrain tests
-	$(PY) -m pytest -q -m "not slow"
-
-test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Without the slow learning runs: for a quick check while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(PY) -m ruff check posttrain tests

@@ -31,3 +31,25 @@ def arithmetic_task(tmp_path_factory):
     from posttrain.tasks.registry import make_task
 
     return make_task("arithmetic", tmp_path_factory.mktemp("arith"), seed=0)
+
+
+QUIET = {"run": {"progress": "none", "tensorboard": False}}
+
+
+@pytest.fixture(scope="session")
+def pipeline_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tasks")
+
+
+@pytest.fixture(scope="session")
+def arithmetic_dir(pipeline_root):
+    from posttrain import pipeline
+
+    return pipeline.ensure_task("arithmetic", pipeline_root)
+
+
+@pytest.fixture(scope="session")
+def preference_dir(pipeline_root):
+    from posttrain import pipeline
+
+    return pipeline.ensure_task("preference", pipeline_root)

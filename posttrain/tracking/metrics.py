@@ -41,11 +41,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past `step` (on resume, those steps are about to be run again)."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.path, step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         row = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
@@ -61,6 +57,15 @@ class MetricsLogger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep only the records of `path` whose "step" is <= `step` (all of them go for -1)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:

@@ -31,7 +31,7 @@ from posttrain.config import doc, save_config
 from posttrain.data.collate import micro_batches_by_tokens
 from posttrain.data.loading import shuffled
 from posttrain.errors import CheckpointError, ConfigError, NonFiniteError
-from posttrain.tracking.metrics import MetricsLogger, Progress
+from posttrain.tracking.metrics import MetricsLogger, Progress, truncate_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,9 @@ class Trainer:
                 self.restore(ckpt)
                 print(f"resumed from {ckpt} (step {self.step})", flush=True)
         logger = MetricsLogger(self.run_dir, tensorboard=self.run.tensorboard)
-        logger.truncate_after(self.step)
+        # A fresh run starts its logs afresh; a resumed one drops what it will redo.
+        for name in ("metrics.jsonl", "samples.jsonl", "advantage_by_position.jsonl"):
+            truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
         progress = Progress(self.run.steps, self.kind, self.run.progress, start=self.step)
         status: Literal["finished", "interrupted"] = "finished"
         eval_metrics: dict[str, float] = {}

@@ -561,18 +561,27 @@ class RLTrainer(Trainer):
               f"{self._value_log[-1]['explained_variance']:.3f}", flush=True)
 
     def _fit_values(self, exp: Experience) -> float:
+        """`algo.epochs` x `algo.mini_batches` critic steps on one batch; returns the explained
+        variance of the values the batch was collected with (fresh data: a held-out measure)."""
         a = self.algo
-        mask = exp.response_mask
-        totals = max(int(mask.sum()), 1)
-        for idx in self._micro_indices(exp):
-            mb = exp.select(idx)
-            values = response_values(self.critic, mb.input_ids, mb.attention_mask,
-                                     mb.response_len)
-            vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns, mb.response_mask,
-                                            a.value_clip)
-            aggregate_loss(vloss_mat, mb.response_mask, "token-mean", num_tokens=totals).backward()
-        self._step_optimizer(self.critic_optimizer, self.critic)
-        return float(algos.explained_variance(exp.values, exp.returns, mask))
+        n = len(exp)
+        mini = max(1, math.ceil(n / a.mini_batches))
+        gen = torch.Generator().manual_seed(self.run.seed * 13 + len(self._value_log))
+        for _ in range(a.epochs):
+            order = torch.randperm(n, generator=gen)
+            for s in range(0, n, mini):
+                batch = exp.select(order[s : s + mini])
+                tokens = max(int(batch.response_mask.sum()), 1)
+                for idx in self._micro_indices(batch):
+                    mb = batch.select(idx)
+                    values = response_values(self.critic, mb.input_ids, mb.attention_mask,
+                                             mb.response_len)
+                    vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns,
+                                                    mb.response_mask, a.value_clip)
+                    aggregate_loss(vloss_mat, mb.response_mask, "token-mean",
+                                   num_tokens=tokens).backward()
+                self._step_optimizer(self.critic_optimizer, self.critic)
+        return float(algos.explained_variance(exp.values, exp.returns, exp.response_mask))
 
     # -- metrics and evaluation
     def rollout_metrics(self, exp: Experience) -> Metrics:

@@ -15,23 +15,7 @@ from posttrain.config import load_config, merge
 from posttrain.trainers.dpo import DPOConfig, DPOTrainer
 from posttrain.trainers.reward import RewardModelTrainer, RMConfig
 from posttrain.trainers.sft import SFTConfig, SFTTrainer
-
-QUIET = {"run": {"progress": "none", "tensorboard": False}}
-
-
-@pytest.fixture(scope="session")
-def pipeline_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tasks")
-
-
-@pytest.fixture(scope="session")
-def arithmetic_dir(pipeline_root):
-    return pipeline.ensure_task("arithmetic", pipeline_root)
-
-
-@pytest.fixture(scope="session")
-def preference_dir(pipeline_root):
-    return pipeline.ensure_task("preference", pipeline_root)
+from tests.conftest import QUIET
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,203 @@
+"""The RL trainer: phases on hand-made tensors, every preset end to end, learning, resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain import pipeline
+from posttrain.config import load_config, merge
+from posttrain.errors import ConfigError
+from posttrain.models.forward import response_logprobs
+from posttrain.rollout.experience import Experience
+from posttrain.trainers.rl import RLConfig, RLTrainer, _groups_with_variance
+from tests.conftest import QUIET
+
+PRESETS = ["ppo", "ppo_ptx", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp",
+           "reinforce_pp_baseline", "vc_ppo", "vapo"]
+
+
+@pytest.fixture(scope="session")
+def arithmetic_sft_model(arithmetic_dir):
+    return pipeline.ensure_sft(arithmetic_dir, QUIET)
+
+
+def rl_config(task_dir, preset, out, **over):
+    p = pipeline.load_preset(preset)
+    base = merge(p, pipeline.rl_base(task_dir, p))
+    base = merge(base, {"run": {**QUIET["run"], "output_dir": str(out)}})
+    return load_config(RLConfig, overrides=merge(base, over))
+
+
+def rows_of(run_dir, name="metrics.jsonl"):
+    return [json.loads(line) for line in (run_dir / name).open()]
+
+
+def test_presets_are_all_there_and_differ_only_in_fields():
+    assert pipeline.list_presets() == sorted(PRESETS)
+    grpo = pipeline.load_preset("grpo")
+    assert grpo["algo"]["advantage"] == "grpo" and grpo["rollout"]["samples_per_prompt"] == 8
+    ptx = pipeline.load_preset("ppo_ptx")  # inherits ppo through `base:`
+    assert ptx["algo"]["advantage"] == "gae" and ptx["algo"]["ptx_coef"] == 0.5
+    with pytest.raises(ConfigError, match="Did you mean 'grpo'"):
+        pipeline.load_preset("gpro")
+
+
+# ---------------------------------------------------------------------------- phases, by hand
+
+
+@pytest.fixture(scope="module")
+def grpo_trainer(arithmetic_dir, arithmetic_sft_model, tmp_path_factory):
+    return RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path_factory.mktemp("rl"),
+                               run={"name": "phases"}))
+
+
+def hand_experience(trainer, advantages):
+    """Two sequences "1+2=" -> "3<eos>" and "1+2=" -> "4<eos>" with the given advantages."""
+    tok = trainer.tokenizer
+    prompt = tok("1+2=").input_ids
+    rows = [prompt + tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            for a in ("3", "4")]
+    ids = torch.tensor(rows)
+    att = torch.ones_like(ids, dtype=torch.bool)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    exp = Experience(input_ids=ids, attention_mask=att, response_mask=mask,
+                     group_ids=torch.zeros(2, dtype=torch.long),
+                     truncated=torch.zeros(2, dtype=torch.bool), prompts=("1+2=",) * 2,
+                     texts=("3", "4"), scores=torch.tensor([1.0, 0.0]))
+    exp = trainer.score(exp)
+    return exp.replace(advantages=torch.tensor(advantages)[:, None] * mask.float())
+
+
+def test_one_update_moves_positive_advantage_tokens_up_and_negative_down(grpo_trainer):
+    t = grpo_trainer
+    t.build_optimizer()
+    exp = hand_experience(t, [1.0, -1.0])
+    before, _ = response_logprobs(t.model, exp.input_ids, exp.attention_mask, 2)
+    t.update_minibatch(exp)
+    after, _ = response_logprobs(t.model, exp.input_ids, exp.attention_mask, 2)
+    # the first response token is the answer digit: "3" (A = +1) up, "4" (A = −1) down
+    assert after[0, 0] > before[0, 0]
+    assert after[1, 0] < before[1, 0]
+
+
+def test_shape_puts_kl_in_the_reward_and_penalises_overlong(grpo_trainer):
+    t = grpo_trainer
+    exp = hand_experience(t, [0.0, 0.0])
+    exp = exp.replace(ref_logp=exp.old_logp - torch.tensor([[0.1, 0.2], [0.3, 0.4]]))
+    a = dataclasses.replace(t.algo, kl_placement="reward")
+    t.algo = a
+    try:
+        shaped = t.shape(exp)
+    finally:
+        t.algo = t.config.algo
+    # k1 = log π_old − log π_ref = [0.1, 0.2], [0.3, 0.4]; β = 0.04
+    beta = t.kl_ctl.value
+    expected = torch.tensor([[-0.1 * beta, 1.0 - 0.2 * beta], [-0.3 * beta, 0.0 - 0.4 * beta]])
+    assert_close(shaped.token_rewards, expected, atol=1e-6, rtol=0)
+    # overlong penalty: L_max = 4 new tokens, L_cache = 4 -> a 2-token response is 2 tokens
+    # into the cache window: penalty (2 − 0)/4 = 0.5
+    t.algo = dataclasses.replace(t.algo, overlong="penalty", overlong_cache=4, kl_placement="loss")
+    try:
+        shaped = t.shape(exp)
+    finally:
+        t.algo = t.config.algo
+    assert_close(shaped.token_rewards[:, -1], torch.tensor([0.5, -0.5]), atol=1e-6, rtol=0)
+
+
+def test_groups_with_variance():
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert _groups_with_variance(scores, groups).tolist() == [False, False, True, True,
+                                                              False, False]
+
+
+def test_value_pretraining_needs_a_critic(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    with pytest.raises(ConfigError, match="value_pretrain_steps needs a critic"):
+        rl_config(arithmetic_dir, "grpo", tmp_path, algo={"value_pretrain_steps": 3})
+
+
+# ---------------------------------------------------------------------- every preset runs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_runs_and_its_metrics_are_finite(preset, arithmetic_dir,
+                                                      arithmetic_sft_model, tmp_path):
+    over = {"run": {"name": preset, "steps": 3, "eval_every": 0},
+            "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 8}}
+    if preset in ("vc_ppo", "vapo"):
+        over["algo"] = {"value_pretrain_steps": 2}
+    trainer = RLTrainer(rl_config(arithmetic_dir, preset, tmp_path, **over))
+    result = trainer.train()
+    assert result.status == "finished" and result.steps_done == 3
+    rows = rows_of(result.run_dir)
+    train_rows = [r for r in rows if "reward/mean" in r]
+    assert len(train_rows) >= 1
+    for row in rows:
+        for k, v in row.items():
+            assert math.isfinite(v), (preset, k, v)
+    last = train_rows[-1]
+    for key in ("reward/mean", "kl/ref_seq", "policy/entropy", "response/length",
+                "train/grad_norm", "adv/mean"):
+        assert key in last, key
+    if trainer.critic is not None:
+        assert "loss/value" in last and "value/explained_variance" in last
+        assert (result.final_dir / "critic" / "config.json").exists()
+    assert "eval/reward" in result.eval_metrics
+    positions = rows_of(result.run_dir, "advantage_by_position.jsonl")
+    assert len(positions) == 3 and len(positions[0]["mean_advantage"]) >= 1
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_rl_resume_is_exact(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    over = {"run": {"steps": 4}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 8}}
+    straight = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path,
+                                   **merge(over, {"run": {"name": "straight"}})))
+    straight.train()
+    stopped = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path,
+                                  **merge(over, {"run": {"name": "stopped"}})))
+
+    def interrupt(tr, step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped.callbacks.append(interrupt)
+    assert stopped.train().status == "interrupted"
+    resumed = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path,
+                                  **merge(over, {"run": {"name": "stopped", "resume": True}})))
+    resumed.train()
+    for a, b in ((straight.model, resumed.model), (straight.critic, resumed.critic)):
+        for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(),
+                                     strict=True):
+            assert torch.equal(p, q), name
+    assert straight.kl_ctl.value == resumed.kl_ctl.value  # the adaptive β resumed too
+
+
+# --------------------------------------------------------------------------- learning
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["ppo", "grpo", "rloo", "reinforce_pp", "vapo"])
+def test_held_out_accuracy_rises_above_the_sft_start(preset, arithmetic_dir,
+                                                     arithmetic_sft_model, tmp_path):
+    over = {"run": {"name": preset}}
+    if preset == "vapo":
+        over["algo"] = {"value_pretrain_steps": 50}
+    result = RLTrainer(rl_config(arithmetic_dir, preset, tmp_path, **over)).train()
+    sampled = [(r["step"], r["eval/reward_sampled"]) for r in rows_of(result.run_dir)
+               if "eval/reward_sampled" in r]
+    greedy = [r["eval/reward"] for r in rows_of(result.run_dir) if "eval/reward" in r]
+    start, end = sampled[0][1], sampled[-1][1]
+    assert sampled[0][0] == 0
+    # 1000 sampled answers per evaluation: a standard error of about 0.016
+    assert end > start + 0.05, sampled
+    assert greedy[-1] > greedy[0] - 0.1, greedy  # greedy accuracy is not traded away

@@ -143,8 +143,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"missing required config key '{prefix}{missing[0]}'")
+    for name in missing:
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):  # a section: its own check says which key is needed
+            kwargs[name] = from_dict(tp, {}, prefix=f"{prefix}{name}.")
+        else:
+            raise ConfigError(f"missing required config key '{prefix}{name}'")
     try:
         return cls(**kwargs)
     except ConfigError as err:

@@ -1,6 +1,7 @@
 """`--task NAME`: run any trainer on a built-in task without writing a config.
 
-The task's data and tiny model are written once under `runs/tasks/<task>/`; the stages a
+The task's data and tiny model are written once under `runs/tasks/<task>/` (or
+`$POSTTRAIN_TASKS/<task>/`); the stages a
 trainer needs first (an SFT model for RM/DPO/RL, a reward model for PPO on `preference`) are
 trained once with the task's defaults and reused. Anything can still be overridden on the
 command line (`--optim.lr`, `--run.steps`, ...).
@@ -9,12 +10,17 @@ command line (`--optim.lr`, `--run.steps`, ...).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ConfigError
 
-TASK_ROOT = Path("runs") / "tasks"
+
+def task_root() -> Path:
+    """Where tasks and their stages are kept: $POSTTRAIN_TASKS, else runs/tasks."""
+    return Path(os.environ.get("POSTTRAIN_TASKS", Path("runs") / "tasks"))
+
 
 # Per task: SFT budget and response length that suit the tiny model on 2 CPU cores.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -28,12 +34,12 @@ def task_info(task_dir: Path) -> dict[str, Any]:
     return json.loads((task_dir / "task.json").read_text())
 
 
-def ensure_task(name: str, root: Path = TASK_ROOT, seed: int = 0) -> Path:
+def ensure_task(name: str, root: Path | None = None, seed: int = 0) -> Path:
     """The task directory, written on first use."""
     from posttrain.tasks import get_task
 
     task = get_task(name)
-    out = Path(root) / name
+    out = Path(root if root is not None else task_root()) / name
     if not (out / "task.json").exists():
         print(f"writing task {name!r} to {out}/", flush=True)
         task.make(out, seed=seed)

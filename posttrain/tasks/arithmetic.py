@@ -268,4 +268,10 @@ def build_arithmetic_cot(
         ],
         "rl_train": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in train_pairs],
         "rl_eval": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in eval_pairs],
+        # Correct working preferred to working with one slip: data for a reward model, whose
+        # weights can initialise a critic (the setting of VC-PPO's value-bias analysis).
+        "pref_train": [{"prompt": _prompt(a, b), "chosen": cot_completion(a, b),
+                        "rejected": cot_completion_with_slip(a, b, rng)} for a, b in train_pairs],
+        "pref_eval": [{"prompt": _prompt(a, b), "chosen": cot_completion(a, b),
+                       "rejected": cot_completion_with_slip(a, b, rng)} for a, b in eval_pairs],
     }

@@ -179,7 +179,7 @@ register_task(Task(
     description="a+b= with 1-3 digit operands answered by column-by-column working, then "
     "#answer (responses vary ~4x in length)",
     config_cls=arithmetic.ArithmeticCotConfig,
-    files=_ARITHMETIC_FILES,
+    files={**_ARITHMETIC_FILES, "pref_train": "preference", "pref_eval": "preference"},
     reward={"name": "exact_match", "column": "answer", "extract": arithmetic.ANSWER_PATTERN},
     build=_build_arithmetic_cot,
 ))

@@ -76,7 +76,7 @@ def test_files_exist_and_validate(made, name):
             assert detect_kind(record) == example.kind == f["kind"]
     expected = {"sft_train": "completion", "sft_eval": "completion", "rl_train": "prompt",
                 "rl_eval": "prompt"}
-    if name == "preference":
+    if name in ("preference", "arithmetic_cot"):
         expected |= {"pref_train": "preference", "pref_eval": "preference"}
     assert {s: f["kind"] for s, f in info["files"].items()} == expected
 
@@ -350,3 +350,12 @@ def test_import_tasks_is_light():
             "print([m for m in ('torch', 'transformers', 'tokenizers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_cot_preference_pairs_prefer_correct_working(made):
+    from posttrain.tasks.arithmetic import check_cot
+
+    for stem in ("pref_train", "pref_eval"):
+        for record in read_jsonl(made["arithmetic_cot"] / f"{stem}.jsonl"):
+            assert check_cot(record["prompt"], record["chosen"])
+            assert not check_cot(record["prompt"], record["rejected"])

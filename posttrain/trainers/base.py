@@ -212,6 +212,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         return {}
 
+    progress_keys: tuple[str, ...] = ("train/loss", "eval/loss", "perf/tokens_per_second")
+
+    def step_tokens(self, items: Sequence[Any]) -> int:
+        """Tokens the step processed (for tokens/s)."""
+        return sum(self.item_length(it) for it in items)
+
     def save_models(self, directory: Path) -> None:
         """Save every trained model into `directory` in the Hugging Face format."""
         self.model.save_pretrained(directory / "model")
@@ -356,14 +362,16 @@ class Trainer:
                     items = self.batch_for_step(self.step)
                     metrics = self.optimizer_step(items)
                     self.step += 1
-                    metrics["perf/step_seconds"] = time.time() - t0
+                    seconds = time.time() - t0
+                    metrics["perf/step_seconds"] = seconds
+                    metrics["perf/tokens_per_second"] = self.step_tokens(items) / seconds
                     if self.run.eval_every and self.step % self.run.eval_every == 0 \
                             and self.step < self.run.steps:
                         metrics.update(self.evaluate())
                     if self.step % self.run.log_every == 0 or self.step == self.run.steps:
                         row = logger.log(self.step, metrics)
-                        progress.update(self.step, {k: v for k, v in row.items()
-                                                    if k in ("train/loss", "eval/loss")})
+                        progress.update(self.step, {k: row[k] for k in self.progress_keys
+                                                    if k in row})
                     for callback in self.callbacks:
                         callback(self, self.step, metrics)
                     if self.run.save_every and self.step % self.run.save_every == 0:

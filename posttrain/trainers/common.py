@@ -113,3 +113,13 @@ def completion_text(completion: Any) -> str:
     if isinstance(completion, list):
         return "".join(m["content"] for m in completion if m["role"] == "assistant")
     return completion
+
+
+def report_truncation(stats, data: DataConfig) -> None:
+    """Say what truncation did to the data (counts), once, when a trainer starts."""
+    if not stats.counts:
+        return
+    parts = [f"{n} {key.replace('_', ' ')}" for key, n in sorted(stats.counts.items())]
+    print(f"data: {', '.join(parts)} (limits: max_prompt_tokens={data.max_prompt_tokens}, "
+          f"max_completion_tokens={data.max_completion_tokens}, on_overflow={data.on_overflow})",
+          flush=True)

@@ -13,6 +13,7 @@ from posttrain.algos import dpo_loss, masked_sum
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedPair,
+    TokenStats,
     collate_pairs,
     micro_batches_by_tokens,
     tokenize_preferences,
@@ -26,7 +27,7 @@ from posttrain.models.load import (
     load_tokenizer,
 )
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
-from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval
+from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval, report_truncation
 from posttrain.trainers.reward import pair_length
 
 
@@ -87,7 +88,9 @@ class DPOTrainer(Trainer):
                 self.reference = load_reference(d.reference or m.path, m.dtype, self.device,
                                                 m.trust_remote_code)
         train, held = load_train_eval(config.data, "preference", config.run.seed)
-        pairs = tokenize_preferences(train, self.tokenizer, config.data.truncation)
+        stats = TokenStats()
+        pairs = tokenize_preferences(train, self.tokenizer, config.data.truncation, stats)
+        report_truncation(stats, config.data)
         # Items carry their index so precomputed reference log-probs can be looked up.
         self.train_items = list(enumerate(pairs))
         self.eval_items = list(enumerate(tokenize_preferences(held, self.tokenizer,

@@ -10,11 +10,11 @@ from torch import Tensor
 
 from posttrain.algos import bradley_terry_loss
 from posttrain.config import doc
-from posttrain.data.collate import TokenizedPair, collate_pairs, tokenize_preferences
+from posttrain.data.collate import TokenizedPair, TokenStats, collate_pairs, tokenize_preferences
 from posttrain.models.forward import sequence_scores
 from posttrain.models.load import load_reward_model, load_tokenizer
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
-from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval
+from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval, report_truncation
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,10 @@ class RewardModelTrainer(Trainer):
                                        config.model.trust_remote_code, config.model.lora)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         train, held = load_train_eval(config.data, "preference", config.run.seed)
-        self.train_items = tokenize_preferences(train, self.tokenizer, config.data.truncation)
+        stats = TokenStats()
+        self.train_items = tokenize_preferences(train, self.tokenizer, config.data.truncation,
+                                                stats)
+        report_truncation(stats, config.data)
         self.eval_items = tokenize_preferences(held, self.tokenizer, config.data.truncation)
 
     def item_length(self, item: TokenizedPair) -> int:

@@ -32,6 +32,7 @@ from posttrain.algos import (
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedExample,
+    TokenStats,
     collate_sequences,
     micro_batches_by_tokens,
     tokenize_prompts,
@@ -53,7 +54,7 @@ from posttrain.rewards.build import build_rewards
 from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, load_weights, lr_lambda
-from posttrain.trainers.common import DataConfig, ModelConfig
+from posttrain.trainers.common import DataConfig, ModelConfig, report_truncation
 
 Metrics = dict[str, float]
 
@@ -218,12 +219,15 @@ class RLTrainer(Trainer):
         held = load_examples(config.data.eval, "prompt", config.data.split) if config.data.eval \
             else []
         policy = config.data.truncation
-        self.train_items = tokenize_prompts(train, self.tokenizer, policy)
+        stats = TokenStats()
+        self.train_items = tokenize_prompts(train, self.tokenizer, policy, stats)
+        report_truncation(stats, config.data)
         self.eval_items = tokenize_prompts(held, self.tokenizer, policy)[: config.eval.prompts]
         self.ptx_items: list[TokenizedExample] = []
         if a.ptx_coef > 0:
             self.ptx_items = tokenize_sft(load_examples(a.ptx_data), self.tokenizer)
         self.prompt_cursor = 0
+        self._generated_tokens = 0
         self.value_pretrained = a.value_pretrain_steps == 0
         self._order: tuple[int, list[int]] | None = None
 
@@ -286,6 +290,11 @@ class RLTrainer(Trainer):
         self.value_pretrained = state["value_pretrained"]
 
     # ----------------------------------------------------------------- the step
+    progress_keys = ("reward/mean", "eval/reward", "kl/ref_seq", "perf/tokens_per_second")
+
+    def step_tokens(self, items: Sequence[Any]) -> int:
+        return self._generated_tokens  # sampled response tokens of the step
+
     def batch_for_step(self, step: int) -> list[Any]:
         return []  # prompts are drawn inside the step (dynamic sampling may take more)
 
@@ -298,6 +307,8 @@ class RLTrainer(Trainer):
         metrics.update(self.update(exp))              # K epochs of mini-batch updates
         metrics.update(self.rollout_metrics(exp))
         metrics["kl/coef"] = self.kl_ctl.value
+        metrics["train/lr"] = self.scheduler.get_last_lr()[0]
+        self._generated_tokens = int(exp.response_lengths.sum())
         self.kl_ctl.update(metrics["kl/ref_seq"], len(exp))
         self.scheduler.step()
         if self.critic is not None:

@@ -20,6 +20,7 @@ from posttrain.trainers.common import (
     completion_text,
     greedy_completions,
     load_train_eval,
+    report_truncation,
 )
 
 
@@ -54,6 +55,7 @@ class SFTTrainer(Trainer):
         self.token_stats = TokenStats()
         self.train_items = tokenize_sft(train, self.tokenizer, config.data.truncation,
                                         self.token_stats)
+        report_truncation(self.token_stats, config.data)
         self.eval_examples = held
         self.eval_items = tokenize_sft(held, self.tokenizer, config.data.truncation)
 

@@ -147,10 +147,10 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    terms: list[dict[str, Any]] = doc(
+    terms: list[dict[str, Any] | str] = doc(
         "Reward terms, summed with their `weight`: a rule ({name: exact_match, column: "
-        "answer}), {name: reward_model, path: DIR}, or {name: x, function: 'module:fn'}.",
-        default_factory=list)
+        "answer}), {name: reward_model, path: DIR}, {name: x, function: 'module:fn', weight: "
+        "0.5}, or just 'module:fn' / 'file.py:fn'.", default_factory=list)
     gold: dict[str, Any] | None = doc("A gold reward for evaluation only (e.g. a task's hidden "
                                       "scorer), logged as eval/gold.", None)
     on_error: Literal["raise", "score"] = doc("A reward function that fails: stop the run, or "

@@ -201,3 +201,22 @@ def test_held_out_accuracy_rises_above_the_sft_start(preset, arithmetic_dir,
     # 1000 sampled answers per evaluation: a standard error of about 0.016
     assert end > start + 0.05, sampled
     assert greedy[-1] > greedy[0] - 0.1, greedy  # greedy accuracy is not traded away
+
+
+def test_user_reward_functions_by_module_path_and_in_a_weighted_mix(arithmetic_dir,
+                                                                    arithmetic_sft_model,
+                                                                    tmp_path):
+    terms = ["tests.trainers.user_rewards:short_answers",
+             {"name": "exact", "function": "tests.trainers.user_rewards:short_answers",
+              "weight": 0.5},
+             {"name": "exact_match", "column": "answer", "weight": 2.0}]
+    trainer = RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path,
+                                  run={"name": "user", "steps": 1, "eval_every": 0},
+                                  rollout={"prompts_per_step": 2}, reward={"terms": terms}))
+    exp = trainer.rollout(trainer.next_prompts(2), seed=0)
+    scores, metrics = trainer.rewards(exp)
+    short = [1.0 if len(t) <= 2 else 0.0 for t in exp.texts]
+    right = [1.0 if t == a else 0.0 for t, a in zip(exp.texts, exp.meta["answer"], strict=True)]
+    expected = [1.5 * s + 2.0 * r for s, r in zip(short, right, strict=True)]
+    assert scores.tolist() == pytest.approx(expected)
+    assert metrics["reward/exact_match"] == pytest.approx(sum(right) / len(right))

@@ -1,0 +1,6 @@
+"""A user's reward functions, imported by `module:function` in RL tests."""
+
+
+def short_answers(prompts, responses, **columns):
+    # one point for a response of at most 2 characters; ignores the other columns
+    return [1.0 if len(r) <= 2 else 0.0 for r in responses]

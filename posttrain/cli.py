@@ -150,6 +150,27 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from posttrain.tracking.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").exists():
+        print(f"posttrain report: error: {run_dir} has no metrics.jsonl; give a run directory "
+              "(runs/NAME)", file=sys.stderr)
+        return 2
+    path = write_report(run_dir)
+    from posttrain.tracking.metrics import read_jsonl, read_metrics
+    from posttrain.tracking.monitors import check_all
+
+    for alert in check_all(read_metrics(run_dir),
+                           read_jsonl(run_dir / "advantage_by_position.jsonl")):
+        print(f"WARNING (step {alert.step}): {alert.message}")
+    print(f"wrote {path}")
+    return 0
+
+
 def _tasks_help(parser: argparse.ArgumentParser):
     def show(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -197,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
                       help="a task option, e.g. wrong_fraction=0.3 (repeatable)")
     make.set_defaults(func=_tasks_make)
+
+    report = sub.add_parser(
+        "report", help="(re)draw a run's report.html and plots from its logs",
+        description="Write RUN_DIR/report.html (self-contained) and RUN_DIR/plots/*.png from "
+        "the run's metrics, samples and alerts. Training runs write it when they end.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/NAME)")
+    report.set_defaults(func=_report)
 
     for command, (_, _, _, text) in TRAINERS.items():
         p = sub.add_parser(

@@ -68,11 +68,15 @@ def truncate_jsonl(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 class Progress:

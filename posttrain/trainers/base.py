@@ -31,7 +31,14 @@ from posttrain.config import doc, save_config
 from posttrain.data.collate import micro_batches_by_tokens
 from posttrain.data.loading import shuffled
 from posttrain.errors import CheckpointError, ConfigError, NonFiniteError
-from posttrain.tracking.metrics import MetricsLogger, Progress, truncate_jsonl
+from posttrain.tracking.metrics import (
+    MetricsLogger,
+    Progress,
+    read_jsonl,
+    read_metrics,
+    truncate_jsonl,
+)
+from posttrain.tracking.monitors import MonitorLog
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +195,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.callbacks: list[Callable[[Trainer, int, dict[str, float]], None]] = []
+        self.history: list[dict[str, float]] = []  # logged metric rows, for the monitors
+        self.positions: list[dict[str, Any]] = []  # advantage by position (RL)
         self._order_cache: dict[int, list[int]] = {}
         torch.manual_seed(run.seed)
 
@@ -235,6 +244,16 @@ class Trainer:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def write_report(self) -> Path | None:
+        """report.html for the run; a plotting failure is reported, never fatal."""
+        from posttrain.tracking.report import write_report
+
+        try:
+            return write_report(self.run_dir)
+        except Exception as err:  # a broken plot must not lose a finished run
+            log.warning("could not write the report of %s: %s", self.run_dir, err)
+            return None
 
     # ------------------------------------------------------------------ the loop
     def parameters(self) -> list[nn.Parameter]:
@@ -346,8 +365,12 @@ class Trainer:
                 print(f"resumed from {ckpt} (step {self.step})", flush=True)
         logger = MetricsLogger(self.run_dir, tensorboard=self.run.tensorboard)
         # A fresh run starts its logs afresh; a resumed one drops what it will redo.
-        for name in ("metrics.jsonl", "samples.jsonl", "advantage_by_position.jsonl"):
+        for name in ("metrics.jsonl", "samples.jsonl", "advantage_by_position.jsonl",
+                     "alerts.jsonl"):
             truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
+        self.history = read_metrics(self.run_dir)
+        self.positions = read_jsonl(self.run_dir / "advantage_by_position.jsonl")
+        monitors = MonitorLog(self.run_dir)
         progress = Progress(self.run.steps, self.kind, self.run.progress, start=self.step)
         status: Literal["finished", "interrupted"] = "finished"
         eval_metrics: dict[str, float] = {}
@@ -355,7 +378,7 @@ class Trainer:
             if self.step == 0 and self.run.eval_every:
                 start = self.evaluate()  # the starting point, for before/after comparisons
                 if start:
-                    logger.log(0, start)
+                    self.history.append({"step": 0, **logger.log(0, start)})
             with _StopRequest() as stop:
                 while self.step < self.run.steps:
                     t0 = time.time()
@@ -370,8 +393,10 @@ class Trainer:
                         metrics.update(self.evaluate())
                     if self.step % self.run.log_every == 0 or self.step == self.run.steps:
                         row = logger.log(self.step, metrics)
+                        self.history.append({"step": self.step, **row})
                         progress.update(self.step, {k: row[k] for k in self.progress_keys
                                                     if k in row})
+                        monitors.update(self.history, self.positions)
                     for callback in self.callbacks:
                         callback(self, self.step, metrics)
                     if self.run.save_every and self.step % self.run.save_every == 0:
@@ -383,7 +408,9 @@ class Trainer:
             if status == "finished":
                 eval_metrics = self.evaluate()
                 if eval_metrics:
-                    logger.log(self.step, eval_metrics)
+                    self.history.append({"step": self.step,
+                                         **logger.log(self.step, eval_metrics)})
+                    monitors.update(self.history, self.positions)
                 self.checkpoint()
                 final = self.run_dir / "final"
                 self.save_final(final)
@@ -392,5 +419,8 @@ class Trainer:
         finally:
             progress.close()
             logger.close()
+        report = self.write_report()
+        if report is not None:
+            print(f"report: {report}", flush=True)
         return TrainResult(self.run_dir, self.step, status, final, eval_metrics,
                            self.skipped_steps, time.time() - start_time)

@@ -616,9 +616,11 @@ class RLTrainer(Trainer):
         # Mean advantage by token position: the value-bias signature (VC-PPO).
         counts = mask.sum(0).clamp(min=1)
         by_pos = ((exp.advantages * mask).sum(0) / counts).tolist()
+        record = {"step": self.step + 1, "mean_advantage": by_pos,
+                  "tokens": mask.sum(0).tolist()}
+        self.positions.append(record)
         with (self.run_dir / "advantage_by_position.jsonl").open("a") as f:
-            f.write(json.dumps({"step": self.step + 1, "mean_advantage": by_pos,
-                                "tokens": mask.sum(0).tolist()}) + "\n")
+            f.write(json.dumps(record) + "\n")
         out["adv/first_token"] = by_pos[0] if by_pos else 0.0
         return out
 

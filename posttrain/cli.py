@@ -9,22 +9,16 @@ from posttrain import __version__
 
 
 def _quickstart(args: argparse.Namespace) -> int:
-    from posttrain.demo import grpo_table_demo
+    from posttrain.errors import PosttrainError
+    from posttrain.quickstart import run_quickstart
 
-    print(
-        "posttrain quickstart (preview)\n"
-        "The full InstructGPT pipeline (tiny transformer, SFT -> reward model -> PPO, report)\n"
-        "is not built yet. This preview runs what exists today: the algorithms layer training\n"
-        "a tabular policy on `a+b=` prompts with GRPO advantages and the clipped policy loss.\n"
-    )
-    result = grpo_table_demo(steps=args.steps, seed=args.seed)
-    print(f"{'step':>5}  {'sampled reward':>14}  {'P(right answer)':>15}")
-    for i, (r, a) in enumerate(zip(result.reward, result.accuracy, strict=True), start=1):
-        if i == 1 or i % 5 == 0 or i == len(result.reward):
-            print(f"{i:>5}  {r:>14.3f}  {a:>15.3f}")
-    start, end = result.reward[0], result.accuracy[-1]
-    print(f"\nreward at step 1: {start:.3f}; probability of the right answer after "
-          f"{args.steps} steps: {end:.3f}")
+    tasks = ("preference", "arithmetic") if args.task == "all" else (args.task,)
+    presets = {t: args.preset for t in tasks} if args.preset else None
+    try:
+        run_quickstart(args.out, args.budget, tasks, presets, args.progress)
+    except PosttrainError as err:
+        print(f"posttrain quickstart: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -171,6 +165,73 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reward_spec(text: str):
+    """A reward given on the command line: `module:function`, `file.py:function`, a rule or
+    reward-model mapping in YAML (`{name: exact_match, column: answer}`), or `rm:DIR`."""
+    if text.startswith("rm:"):
+        return {"name": "reward_model", "path": text[3:]}
+    if text.lstrip().startswith("{"):
+        import yaml
+
+        return yaml.safe_load(text)
+    return text
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from posttrain import evaluation, pipeline
+    from posttrain.data.loading import load_examples
+    from posttrain.errors import PosttrainError
+    from posttrain.models.load import freeze, load_causal_lm, load_tokenizer
+    from posttrain.rewards.build import build_reward
+
+    try:
+        rewards: dict[str, object] = {}
+        prompts_path, texts_path, base_dir = args.prompts, args.text, None
+        max_new = args.max_new_tokens
+        if args.task:
+            task_dir = pipeline.ensure_task(args.task)
+            info = pipeline.task_info(task_dir)
+            base_dir = task_dir
+            prompts_path = prompts_path or str(task_dir / info["files"]["rl_eval"]["path"])
+            texts_path = texts_path or str(task_dir / info["files"]["sft_eval"]["path"])
+            max_new = max_new or pipeline.TASK_DEFAULTS[info["name"]]["max_new_tokens"]
+            rewards["gold" if info["name"] == "preference" else "task"] = build_reward(
+                info["reward"], task_dir)
+            rm = task_dir / "rm" / "final"
+            if (rm / "config.json").exists():
+                rewards["reward_model"] = build_reward({"name": "reward_model",
+                                                        "path": str(rm)})
+        for i, spec in enumerate(args.reward or []):
+            parsed = _reward_spec(spec)
+            name = parsed.get("name", f"reward{i}") if isinstance(parsed, dict) else spec
+            rewards[name] = build_reward(parsed, base_dir)
+        if not prompts_path:
+            raise PosttrainError("give --prompts FILE (prompt records) or --task NAME")
+        prompts = load_examples(prompts_path, "prompt")[: args.limit]
+        texts = load_examples(texts_path)[: args.limit] if texts_path else []
+        tokenizer = load_tokenizer(args.model)
+        model = freeze(load_causal_lm(args.model))
+        baseline = freeze(load_causal_lm(args.baseline)) if args.baseline else None
+        settings = evaluation.EvalSettings(args.samples, max_new or 32, args.temperature,
+                                           args.seed)
+        result = evaluation.evaluate(model, tokenizer, prompts, rewards, settings, baseline,
+                                     args.judge, texts)
+    except PosttrainError as err:
+        print(f"posttrain eval: error: {err}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in result)
+    print(f"{args.model}: {len(prompts)} prompts x {args.samples} samples")
+    for key, value in result.items():
+        print(f"  {key:<{width}}  {value:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def _tasks_help(parser: argparse.ArgumentParser):
     def show(args: argparse.Namespace) -> int:
         parser.print_help()
@@ -189,10 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     qs = sub.add_parser(
         "quickstart",
-        help="run the main demonstration end to end (today: a preview of the algorithms layer)",
-    )
-    qs.add_argument("--steps", type=int, default=30, help="GRPO steps (default: 30)")
-    qs.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+        help="the InstructGPT pipeline on the built-in tasks: SFT -> reward model -> PPO, "
+        "and SFT -> GRPO; a before/after table and report.html",
+        description="Build a tiny model and the built-in tasks, then run SFT -> reward model "
+        "-> PPO (with a KL penalty) on `preference` and SFT -> GRPO on `arithmetic`, print "
+        "gold and proxy reward, KL and held-out accuracy before and after, and write "
+        "report.html. About 2 minutes on 2 CPU cores with the default budget.")
+    qs.add_argument("--out", default="runs/quickstart", metavar="DIR",
+                    help="where every stage is written (default runs/quickstart)")
+    qs.add_argument("--budget", choices=["small", "default", "large"], default="default",
+                    help="RL steps: small 0.4x, large 3x (default: default)")
+    qs.add_argument("--task", choices=["all", "preference", "arithmetic"], default="all",
+                    help="which pipeline(s) to run (default all)")
+    qs.add_argument("--preset", metavar="NAME", help="RL preset for the chosen task(s) "
+                    "(default: ppo on preference, grpo on arithmetic)")
+    qs.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto",
+                    help="progress display (default: a bar on a terminal)")
     qs.set_defaults(func=_quickstart)
 
     tasks = sub.add_parser(
@@ -218,6 +291,32 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
                       help="a task option, e.g. wrong_fraction=0.3 (repeatable)")
     make.set_defaults(func=_tasks_make)
+
+    ev = sub.add_parser(
+        "eval", help="measure a policy: rewards, win rate, perplexity, diversity, length",
+        description="Sample responses to held-out prompts (fixed seed) and report the mean "
+        "reward under each reward, the win rate against --baseline judged by --judge, "
+        "perplexity on --text (and the alignment tax against the baseline), distinct-1/2 "
+        "and mean response length, as a table and optionally JSON.")
+    ev.add_argument("--model", required=True, metavar="DIR", help="the policy to evaluate")
+    ev.add_argument("--task", metavar="NAME", help="use a built-in task's held-out prompts, "
+                    "text and rewards (and its reward model, if trained)")
+    ev.add_argument("--prompts", metavar="FILE", help="prompt records (with reward columns)")
+    ev.add_argument("--reward", action="append", metavar="SPEC",
+                    help="module:function, file.py:function, rm:DIR, or a YAML mapping such "
+                    "as '{name: exact_match, column: answer}' (repeatable)")
+    ev.add_argument("--baseline", metavar="DIR", help="a policy to compare against")
+    ev.add_argument("--judge", metavar="NAME", help="the reward that decides the win rate "
+                    "(default: the first)")
+    ev.add_argument("--text", metavar="FILE", help="held-out text or completion records for "
+                    "perplexity")
+    ev.add_argument("--samples", type=int, default=4, help="responses per prompt (default 4)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="response length limit")
+    ev.add_argument("--temperature", type=float, default=1.0, help="0 for greedy (default 1)")
+    ev.add_argument("--limit", type=int, default=None, help="use at most N prompts and texts")
+    ev.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.set_defaults(func=_eval)
 
     report = sub.add_parser(
         "report", help="(re)draw a run's report.html and plots from its logs",

@@ -95,15 +95,17 @@ def rm_base(task_dir: Path) -> dict[str, Any]:
     }
 
 
-def ensure_rm(task_dir: Path) -> Path:
+def ensure_rm(task_dir: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """The task's reward model (trained with the task defaults on first use)."""
     final = task_dir / "rm" / "final"
     if (final / "config.json").exists():
         return final
-    from posttrain.config import load_config
+    from posttrain.config import load_config, merge
     from posttrain.trainers.reward import RewardModelTrainer, RMConfig
 
     print(f"training the reward model for {task_dir.name} first ({final})", flush=True)
-    RewardModelTrainer(load_config(RMConfig, overrides=rm_base(task_dir))).train()
+    cfg = load_config(RMConfig, overrides=merge(rm_base(task_dir), overrides or {}))
+    RewardModelTrainer(cfg).train()
     return final
 
 

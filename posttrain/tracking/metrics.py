@@ -79,6 +79,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, float]]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
+_SHORT = {"train/loss": "loss", "eval/loss": "eval_loss", "reward/mean": "reward",
+          "eval/reward": "eval_reward", "kl/ref_seq": "kl", "perf/tokens_per_second": "tok/s"}
+
+
 class Progress:
     """A progress bar with ETA and live metrics on a terminal; plain lines otherwise."""
 
@@ -110,7 +114,7 @@ class Progress:
             self._task = self._bar.add_task(description, total=total, completed=start, info="")
 
     def update(self, step: int, info: dict[str, float] | None = None) -> None:
-        text = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in (info or {}).items())
+        text = "  ".join(f"{_SHORT.get(k, k)}={v:.4g}" for k, v in (info or {}).items())
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=text)
         elif self.mode == "plain" and info is not None:
@@ -119,6 +123,12 @@ class Progress:
             eta = elapsed / done * (self.total - step) if done else float("nan")
             print(f"[{self.description}] step {step}/{self.total}  {text}  "
                   f"eta {eta:.0f}s", flush=True)
+
+    def phase(self, name: str) -> None:
+        """Show which phase of the step runs (rollout, score, update, eval, ...) on the bar;
+        plain logs stay quiet."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{self.description}: {name}")
 
     def close(self) -> None:
         if self._bar is not None:

@@ -197,6 +197,7 @@ class Trainer:
         self.callbacks: list[Callable[[Trainer, int, dict[str, float]], None]] = []
         self.history: list[dict[str, float]] = []  # logged metric rows, for the monitors
         self.positions: list[dict[str, Any]] = []  # advantage by position (RL)
+        self._progress: Progress | None = None
         self._order_cache: dict[int, list[int]] = {}
         torch.manual_seed(run.seed)
 
@@ -244,6 +245,11 @@ class Trainer:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def phase(self, name: str) -> None:
+        """Name the running phase on the progress bar."""
+        if self._progress is not None:
+            self._progress.phase(name)
 
     def write_report(self) -> Path | None:
         """report.html for the run; a plotting failure is reported, never fatal."""
@@ -372,6 +378,7 @@ class Trainer:
         self.positions = read_jsonl(self.run_dir / "advantage_by_position.jsonl")
         monitors = MonitorLog(self.run_dir)
         progress = Progress(self.run.steps, self.kind, self.run.progress, start=self.step)
+        self._progress = progress
         status: Literal["finished", "interrupted"] = "finished"
         eval_metrics: dict[str, float] = {}
         try:
@@ -390,6 +397,7 @@ class Trainer:
                     metrics["perf/tokens_per_second"] = self.step_tokens(items) / seconds
                     if self.run.eval_every and self.step % self.run.eval_every == 0 \
                             and self.step < self.run.steps:
+                        self.phase("eval")
                         metrics.update(self.evaluate())
                     if self.step % self.run.log_every == 0 or self.step == self.run.steps:
                         row = logger.log(self.step, metrics)
@@ -400,7 +408,9 @@ class Trainer:
                     for callback in self.callbacks:
                         callback(self, self.step, metrics)
                     if self.run.save_every and self.step % self.run.save_every == 0:
+                        self.phase("checkpoint")
                         self.checkpoint()
+                    self.phase("train")
                     if stop.requested:
                         self.checkpoint()
                         status = "interrupted"

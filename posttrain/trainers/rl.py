@@ -304,6 +304,7 @@ class RLTrainer(Trainer):
         exp, metrics = self.collect()                 # rollout + score (+ dynamic sampling)
         exp = self.shape(exp)                         # KL-in-reward, clipping, overlong
         exp = self.advantages(exp)                    # estimator, λ schedule, whitening
+        self.phase("update")
         metrics.update(self.update(exp))              # K epochs of mini-batch updates
         metrics.update(self.rollout_metrics(exp))
         metrics["kl/coef"] = self.kl_ctl.value
@@ -355,7 +356,9 @@ class RLTrainer(Trainer):
         for round_ in range(rounds):
             need = r.prompts_per_step - kept_groups
             seed = (self.run.seed * 1_000_003 + self.step * 101 + round_) % (2**31)
+            self.phase("rollout")
             exp = self.rollout(self.next_prompts(need), seed)
+            self.phase("reward")
             scores, metrics = self.rewards(exp)
             exp = exp.replace(scores=scores)
             if a.dynamic_sampling:
@@ -375,6 +378,7 @@ class RLTrainer(Trainer):
             parts = [exp.replace(scores=scores)]
         exp = Experience.concat(parts, self.tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
         metrics["sampling/rounds"] = float(round_ + 1)
+        self.phase("score")
         return self.score(exp.to(self.device)), metrics
 
     @torch.no_grad()
@@ -551,6 +555,7 @@ class RLTrainer(Trainer):
         frozen = replace(a, critic_lam=1.0)
         self._value_log = []
         for i in range(a.value_pretrain_steps):
+            self.phase(f"value pretraining {i + 1}/{a.value_pretrain_steps}")
             exp, _ = self.collect()
             exp = self.shape(exp)
             lam = algos.policy_lambda(frozen.lambda_schedule, exp.response_mask, frozen.lam,

@@ -1,0 +1,163 @@
+"""The main job: quickstart end to end, its report in a real browser, the monitors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.tracking.monitors import (
+    check_all,
+    entropy_collapse,
+    kl_overoptimisation,
+    length_collapse,
+    read_alerts,
+    reward_hacking,
+    value_bias,
+)
+
+
+@pytest.fixture(scope="session")
+def quickstart_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "quickstart"
+    assert main(["quickstart", "--out", str(out), "--budget", "small", "--progress",
+                 "none"]) == 0
+    return out
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+@pytest.mark.slow
+def test_quickstart_ppo_beats_the_sft_model_on_gold_reward(quickstart_dir, capsys):
+    rows = metrics(quickstart_dir / "ppo-preference")
+    gold = [r["eval/gold_sampled"] for r in rows if "eval/gold_sampled" in r]
+    assert rows[0]["step"] == 0 and gold[-1] > gold[0] + 0.5
+    acc = [r["eval/reward_sampled"] for r in metrics(quickstart_dir / "grpo-arithmetic")
+           if "eval/reward_sampled" in r]
+    assert acc[-1] > acc[0]
+    report = (quickstart_dir / "report.html").read_text()
+    assert "preference: SFT -&gt; RM -&gt; ppo" in report
+    for run in ("ppo-preference", "grpo-arithmetic"):
+        assert (quickstart_dir / run / "report.html").exists()
+        assert (quickstart_dir / run / "plots" / "reward.png").exists()
+        assert (quickstart_dir / run / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_healthy_run_raises_no_hacking_alarm(quickstart_dir):
+    kinds = {a.kind for a in read_alerts(quickstart_dir / "ppo-preference")}
+    assert not kinds & {"reward_hacking", "kl_overoptimisation"}
+
+
+CHECK_SCRIPT = """
+<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 100 && i.naturalHeight > 100);
+  const div = document.createElement('div');
+  div.id = 'browser-check';
+  div.textContent = 'images ' + imgs.length + ' decoded ' + ok.length;
+  document.body.appendChild(div);
+});
+</script>
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="needs Debian's chromium (make test installs it where it can)")
+def test_report_loads_in_a_real_browser_and_shows_its_plots(quickstart_dir, tmp_path):
+    # A copy of the report with a check script appended; the report itself has no script.
+    for name in ("ppo-preference", "grpo-arithmetic"):
+        page = tmp_path / f"{name}.html"
+        page.write_text((quickstart_dir / name / "report.html").read_text()
+                        .replace("</body>", CHECK_SCRIPT + "</body>"))
+        proc = subprocess.run(
+            ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+             "--virtual-time-budget=5000", "--enable-logging=stderr", "--dump-dom",
+             page.as_uri()],
+            capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "Uncaught" not in proc.stderr and "Failed to load resource" not in proc.stderr
+        marker = proc.stdout.split('id="browser-check">')[1].split("<")[0]
+        shown, decoded = (int(x) for x in marker.split()[1::2])
+        assert shown >= 8 and decoded == shown, marker
+
+
+def rows_from(pairs):
+    return [{"step": s, **values} for s, values in pairs]
+
+
+def test_reward_hacking_by_hand():
+    # gold peaks at step 20 and falls by more than 20% of its range; the proxy keeps rising
+    rows = rows_from([(0, {"eval/gold_sampled": 2.0, "eval/reward_sampled": 0.0}),
+                      (20, {"eval/gold_sampled": 4.0, "eval/reward_sampled": 0.5}),
+                      (40, {"eval/gold_sampled": 3.5, "eval/reward_sampled": 0.6}),
+                      (60, {"eval/gold_sampled": 1.0, "eval/reward_sampled": 0.7})])
+    alert = reward_hacking(rows)
+    assert alert is not None and alert.step == 60
+    assert "fell from 4 (step 20) to 1 (step 60)" in alert.message
+    assert "rose from 0.5 to 0.7" in alert.message
+    # the proxy fell too: that is not hacking, just a bad run
+    rows[-1]["eval/reward_sampled"] = 0.1
+    assert reward_hacking(rows) is None
+    # the gold reward still rising: quiet
+    assert reward_hacking(rows_from([(0, {"eval/gold_sampled": 1.0, "eval/reward_sampled": 0}),
+                                     (20, {"eval/gold_sampled": 2.0, "eval/reward_sampled": 1}),
+                                     (40, {"eval/gold_sampled": 3.0, "eval/reward_sampled": 2})]
+                                    )) is None
+
+
+def test_other_monitors_by_hand():
+    rows = rows_from([(0, {"eval/gold": 1.0}), (10, {"kl/ref_seq": 1.0, "eval/gold": 3.0}),
+                      (20, {"kl/ref_seq": 5.0, "eval/gold": 2.0}),
+                      (30, {"kl/ref_seq": 9.0, "eval/gold": 0.5})])
+    alert = kl_overoptimisation(rows)
+    assert alert is not None and "peaked at 3 at KL 1" in alert.message
+    ent = rows_from([(1, {"policy/entropy": 2.0}), (2, {"policy/entropy": 1.0}),
+                     (3, {"policy/entropy": 0.1})])
+    assert entropy_collapse(ent) is not None
+    assert entropy_collapse(ent[:2]) is None
+    lengths = rows_from([(1, {"response/length": 20.0}), (2, {"response/length": 15.0}),
+                         (3, {"response/length": 9.0})])
+    assert length_collapse(lengths) is not None
+    positions = [{"step": s, "mean_advantage": [0.3] * 5 + [0.0] * 10, "tokens": [4] * 15}
+                 for s in range(1, 21)]
+    assert value_bias(positions) is not None
+    flat = [{"step": s, "mean_advantage": [0.0] * 15, "tokens": [4] * 15} for s in range(1, 21)]
+    assert value_bias(flat) is None
+    assert check_all([], []) == []
+
+
+@pytest.mark.slow
+def test_reward_hacking_monitor_fires_on_an_over_optimised_run(quickstart_dir, tmp_path):
+    """A weak reward model (15 steps), no KL penalty, a high learning rate, long training: the
+    policy finds what the proxy over-rewards and the gold reward falls."""
+    from posttrain import pipeline
+    from posttrain.config import load_config, merge
+    from posttrain.trainers.reward import RewardModelTrainer, RMConfig
+    from posttrain.trainers.rl import RLConfig, RLTrainer
+
+    task = quickstart_dir / "tasks" / "preference"
+    quiet = {"run": {"progress": "none", "tensorboard": False, "output_dir": str(tmp_path)}}
+    weak = RewardModelTrainer(load_config(RMConfig, overrides=merge(
+        pipeline.rm_base(task), merge(quiet, {"run": {"name": "weak_rm", "steps": 15}})))
+    ).train().final_dir
+    preset = pipeline.load_preset("grpo")
+    over = merge(quiet, {"run": {"name": "hack", "steps": 160, "eval_every": 20},
+                         "reward": {"terms": [{"name": "reward_model", "path": str(weak)}]},
+                         "algo": {"kl_placement": "none"}, "optim": {"lr": 5e-4},
+                         "eval": {"prompts": 64}})
+    cfg = load_config(RLConfig, overrides=merge(merge(preset, pipeline.rl_base(task, preset)),
+                                                over))
+    result = RLTrainer(cfg).train()
+    kinds = {a.kind for a in read_alerts(result.run_dir)}
+    assert "reward_hacking" in kinds, kinds
+    assert "reward hacking" in (result.run_dir / "report.html").read_text()

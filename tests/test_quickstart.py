@@ -161,3 +161,32 @@ def test_reward_hacking_monitor_fires_on_an_over_optimised_run(quickstart_dir, t
     kinds = {a.kind for a in read_alerts(result.run_dir)}
     assert "reward_hacking" in kinds, kinds
     assert "reward hacking" in (result.run_dir / "report.html").read_text()
+
+
+def test_distinct_n_and_perplexity_by_hand(tiny_model_dir, tiny_tokenizer):
+    import math
+
+    import torch
+
+    from posttrain.data.formats import validate_record
+    from posttrain.evaluation import distinct_n, perplexity
+    from posttrain.models.load import load_causal_lm
+    from posttrain.rollout.experience import Experience
+
+    # responses [5 6 5 6] and [5 6]: unigrams {5, 6} of 6 -> 2/6; bigrams (5,6),(6,5) of 4
+    ids = torch.tensor([[9, 5, 6, 5, 6], [9, 5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    exp = Experience(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool),
+                     response_mask=mask, group_ids=torch.arange(2),
+                     truncated=torch.zeros(2, dtype=torch.bool))
+    assert distinct_n(exp, 1) == 2 / 6
+    assert distinct_n(exp, 2) == 2 / 4
+    # perplexity is exp of the token-mean NLL of the completion tokens
+    model = load_causal_lm(tiny_model_dir)
+    text = [validate_record({"prompt": "1+2=", "completion": "3"}, "t")]
+    ids = [*tiny_tokenizer("1+2=3").input_ids, tiny_tokenizer.eos_token_id]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits.log_softmax(-1)[0]
+    nll = -(logp[3, ids[4]] + logp[4, ids[5]]) / 2  # targets "3" and EOS
+    assert perplexity(model, tiny_tokenizer, text) == pytest.approx(math.exp(float(nll)),
+                                                                    rel=1e-5)

@@ -91,10 +91,11 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def save_rng(path: Path) -> None:
-    state = rng_state()
+def save_rng(path: Path, state: dict[str, Any] | None = None) -> None:
+    """The generators' state (this process's, or `state`) as `path` + `path`.python.json."""
+    state = dict(state if state is not None else rng_state())
     version, internal, gauss = state.pop("python")
-    (path.parent / "python_rng.json").write_text(json.dumps([version, list(internal), gauss]))
+    path.with_suffix(".python.json").write_text(json.dumps([version, list(internal), gauss]))
     torch.save(state, path)
 
 
@@ -103,7 +104,7 @@ def load_rng(path: Path) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    version, internal, gauss = json.loads((path.parent / "python_rng.json").read_text())
+    version, internal, gauss = json.loads(path.with_suffix(".python.json").read_text())
     random.setstate((version, tuple(internal), gauss))
 
 

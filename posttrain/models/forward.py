@@ -68,18 +68,37 @@ def token_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) ->
     return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
+class TokenValues(nn.Module):
+    """A sequence-classification model read at every token, as one module: the thing to
+    wrap in DDP, so that the scalar head's gradients are synchronised with the backbone's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return token_values(self.model, input_ids, attention_mask)
+
+
+def _values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped module here
+    if isinstance(inner, TokenValues):
+        return model(input_ids, attention_mask)
+    return token_values(model, input_ids, attention_mask)
+
+
 def response_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                     response_len: int) -> Tensor:
     """V(s_t) for every response token t, (B, T): read at the position before a_t, whose
     hidden state has seen exactly s_t = (x, a_<t)."""
-    return token_values(model, input_ids, attention_mask)[:, -response_len - 1 : -1]
+    return _values(model, input_ids, attention_mask)[:, -response_len - 1 : -1]
 
 
 def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Reward-model score R(x, y), (B,), read at the last real token of each row. Padding may
     be on either side; unlike `transformers`' own pooling this does not look for the pad id,
     so it is right also when the pad token is the EOS token."""
-    values = token_values(model, input_ids, attention_mask)
+    values = _values(model, input_ids, attention_mask)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     last = (positions * attention_mask.bool()).argmax(-1)
     return values.gather(1, last[:, None])[:, 0]

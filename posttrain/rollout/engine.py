@@ -7,7 +7,7 @@ everything else. Another engine (vLLM, say) only has to implement the same two m
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -91,7 +91,19 @@ class HFGenerateEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
                  prompts: Sequence[Any] = (), meta: dict[str, list[Any]] | None = None,
-                 ) -> Experience:
+                 seeds: Sequence[int] | None = None) -> Experience:
+        """Responses to every prompt. `seeds` (one per prompt) samples each prompt's group on
+        its own with its own seed, so a prompt's responses do not depend on which other
+        prompts share the batch (e.g. how prompts are split over ranks), at the cost of
+        batching."""
+        if seeds is not None:
+            if len(seeds) != len(prompt_ids):
+                raise ConfigError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+            parts = [self.generate([ids], replace(sampling, seed=seed))
+                     for ids, seed in zip(prompt_ids, seeds, strict=True)]
+            exp = Experience.concat(parts, self.pad_id)
+            return self._annotate(exp, len(prompt_ids), sampling.samples_per_prompt, prompts,
+                                  meta)
         if not prompt_ids:
             raise ConfigError("generate needs at least one prompt")
         if any(len(p) == 0 for p in prompt_ids):
@@ -108,7 +120,12 @@ class HFGenerateEngine:
         finally:
             self.model.train(was_training)
         exp = parts[0] if len(parts) == 1 else Experience.concat(parts, self.pad_id)
-        group_ids = torch.arange(len(prompt_ids), device=exp.input_ids.device)
+        return self._annotate(exp, len(prompt_ids), n, prompts, meta)
+
+    def _annotate(self, exp: Experience, n_prompts: int, n: int, prompts: Sequence[Any],
+                  meta: dict[str, list[Any]] | None) -> Experience:
+        """Group ids, decoded texts, and the prompts and columns repeated per sample."""
+        group_ids = torch.arange(n_prompts, device=exp.input_ids.device)
         group_ids = group_ids.repeat_interleave(n)
         texts: tuple[str, ...] = ()
         if self.decode is not None:
@@ -116,7 +133,7 @@ class HFGenerateEngine:
                 self.decode(row[mask].tolist(), skip_special_tokens=True)
                 for row, mask in zip(exp.response_ids, exp.response_mask, strict=True)
             )
-        meta = {k: [v[i] for i in range(len(prompt_ids)) for _ in range(n)]
+        meta = {k: [v[i] for i in range(n_prompts) for _ in range(n)]
                 for k, v in (meta or {}).items()}
         repeated = tuple(p for p in prompts for _ in range(n)) if prompts else ()
         return exp.replace(group_ids=group_ids, texts=texts, meta=meta, prompts=repeated)

@@ -26,7 +26,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from posttrain.checkpoint import latest_checkpoint, load_rng, load_torch, save_checkpoint, save_rng
+from posttrain import distributed
+from posttrain.checkpoint import (
+    latest_checkpoint,
+    load_rng,
+    load_torch,
+    rng_state,
+    save_checkpoint,
+    save_rng,
+)
 from posttrain.config import doc, save_config
 from posttrain.data.collate import micro_batches_by_tokens
 from posttrain.data.loading import shuffled
@@ -84,6 +92,9 @@ class RunConfig:
     progress: Literal["auto", "rich", "plain", "none"] = doc(
         "Progress display: a bar on a terminal (auto), plain lines, or nothing.", "auto")
     resume: bool = doc("Continue from the newest complete checkpoint of this run.", False)
+    parallel: Literal["ddp", "fsdp", "none"] = doc(
+        "Under torchrun: replicate the trained models (ddp) or shard them (fsdp, FSDP2's "
+        "fully_shard). batch_size stays global; each rank takes its share.", "ddp")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_tokens", "log_every"):
@@ -155,8 +166,14 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _to_float(x: Tensor) -> float:
+    """A scalar that may be an FSDP2 DTensor."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
 def load_weights(model: nn.Module, directory: Path) -> None:
-    """Load weights saved by `save_pretrained` (full model or peft adapters) into `model`."""
+    """Load weights saved by `save_pretrained` (full model or peft adapters) into `model`;
+    under FSDP2 the full tensors are scattered into the model's shards."""
     from safetensors.torch import load_file
 
     if hasattr(model, "peft_config"):
@@ -170,6 +187,12 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     state: dict[str, Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 shards
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                    strict=False))
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if isinstance(getattr(model, "_tied_weights_keys", None), dict):
@@ -190,7 +213,9 @@ class Trainer:
         self.config = config
         self.run = run
         self.optim_cfg = optim
-        self.device = resolve_device(run.device)
+        self.dist = distributed.init(run.device)
+        self.device = distributed.device_for(self.dist, run.device)
+        self.fwd: nn.Module | None = None  # the trained model as forward passes see it
         self.run_dir = run.run_dir
         self.step = 0
         self.skipped_steps = 0
@@ -228,23 +253,41 @@ class Trainer:
         """Tokens the step processed (for tokens/s)."""
         return sum(self.item_length(it) for it in items)
 
-    def save_models(self, directory: Path) -> None:
-        """Save every trained model into `directory` in the Hugging Face format."""
-        self.model.save_pretrained(directory / "model")
+    def trained(self) -> dict[str, tuple[nn.Module, Any, Any]]:
+        """Every trained model with its optimiser and scheduler, by checkpoint sub-directory."""
+        return {"model": (self.model, self.optimizer, self.scheduler)}
 
-    def load_models(self, directory: Path) -> None:
-        load_weights(self.model, directory / "model")
-
-    def save_final(self, directory: Path) -> None:
+    def save_final(self, directory: Path, states: dict[str, Any]) -> None:
+        """The final policy in the Hugging Face format, with its tokenizer (rank 0)."""
         from posttrain.models.load import save_model
 
-        save_model(self.model, directory, self.tokenizer)
+        if self.sharded:
+            self.model.save_pretrained(directory, state_dict=states["model"])
+            self.tokenizer.save_pretrained(directory)
+        else:
+            save_model(self.model, directory, self.tokenizer)
 
     def extra_state(self) -> dict[str, Any]:
         return {}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def evaluate_on_main(self) -> dict[str, float]:
+        """`evaluate()` on rank 0 while the others wait (every rank under FSDP2, whose
+        forward passes need all the shards; rank 0's numbers are kept)."""
+        if not self.dist.enabled:
+            return self.evaluate()
+        out = self.evaluate() if self.dist.is_main or self.sharded else {}
+        self.dist.barrier()
+        return out if self.dist.is_main else {}
+
+    def _stop_everywhere(self, requested: str | None) -> bool:
+        """A signal seen by any rank stops every rank after the same step."""
+        if not self.dist.enabled:
+            return requested is not None
+        flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
+        return bool(self.dist.all_reduce_sum(flag).item() > 0)
 
     def phase(self, name: str) -> None:
         """Name the running phase on the progress bar."""
@@ -266,6 +309,7 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def build_optimizer(self) -> None:
+        self.prepare_parallel()
         o = self.optim_cfg
         self.optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
                                            eps=o.eps, weight_decay=o.weight_decay)
@@ -290,17 +334,48 @@ class Trainer:
         return [[items[i] for i in idx]
                 for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens)]
 
+    def prepare_parallel(self) -> None:
+        """Wrap the trained model for data parallelism (DDP or FSDP2) under torchrun; training
+        forward passes go through `self.fwd`, everything else uses `self.model`."""
+        if self.fwd is None:
+            self.fwd = distributed.wrap(self.model, self.dist, self.run.parallel)
+
+    def before_final(self) -> None:
+        """Runs on every rank before the final checkpoint and model are written."""
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: every rank holds a shard, so every rank joins every forward pass."""
+        return self.dist.enabled and self.run.parallel == "fsdp"
+
     def accumulate_gradients(self, items: Sequence[Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Backward over the step's micro-batches; returns the step's loss and metric sums."""
+        """Backward over this rank's micro-batches of the step; returns the step's loss and
+        metric sums, over all ranks.
+
+        `step_totals` sees the whole global batch, so every micro-batch loss is normalised by
+        global counts and the ranks' gradients sum to the full batch's gradient."""
         totals = self.step_totals(items)
+        micros = self.micro_batches(self.dist.shard(items))
         total_loss = torch.zeros((), device=self.device)
         sums: dict[str, Tensor] = {}
-        for micro in self.micro_batches(items):
-            loss, metrics = self.micro_loss(micro, totals)
-            loss.backward()
+        scale = self.dist.loss_scale
+        if not micros and self.dist.enabled:  # still join the gradient all-reduce
+            zero = sum(p.sum() for p in self.parameters()) * 0.0
+            zero.backward()
+        for i, micro in enumerate(micros):
+            with distributed.no_sync(self.fwd or self.model, i < len(micros) - 1):
+                loss, metrics = self.micro_loss(micro, totals)
+                (loss * scale if self.dist.enabled else loss).backward()
             total_loss += loss.detach()
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v.detach()
+        if self.dist.enabled:
+            total_loss = self.dist.all_reduce_sum(total_loss)
+            keys = sorted(sums)
+            if keys:
+                reduced = self.dist.all_reduce_sum(torch.stack([torch.as_tensor(
+                    sums[k], dtype=torch.float32, device=self.device) for k in keys]))
+                sums = dict(zip(keys, reduced, strict=True))
         return total_loss, sums
 
     def optimizer_step(self, items: Sequence[Any]) -> dict[str, float]:
@@ -309,7 +384,7 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.optim_cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss_value, norm_value = float(total_loss), float(grad_norm)
+        loss_value, norm_value = float(total_loss), _to_float(grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -333,57 +408,132 @@ class Trainer:
         out.update({f"train/{k}" if "/" not in k else k: float(v) for k, v in sums.items()})
         return out
 
-    def _write_checkpoint(self, directory: Path) -> None:
-        self.save_models(directory)
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
-        save_rng(directory / "rng.pt")
+    def model_state(self, model: nn.Module) -> dict[str, Tensor] | None:
+        """The full state dict of a trained model on rank 0 (gathered from the shards under
+        FSDP2, a collective every rank joins); None on the other ranks."""
+        if not self.sharded:
+            return model.state_dict() if self.dist.is_main else None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                  cpu_offload=True))
+        return sd if self.dist.is_main else None
+
+    def optimizer_state(self, model: nn.Module, optimizer) -> dict | None:
+        if not self.sharded:
+            return optimizer.state_dict() if self.dist.is_main else None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        sd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        return sd if self.dist.is_main else None
+
+    def load_optimizer_state(self, model: nn.Module, optimizer, path: Path) -> None:
+        state = load_torch(path)
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    def gather(self) -> dict[str, Any]:
+        """Every rank's part of a checkpoint, on rank 0 (all collectives happen here, so
+        that writing is rank 0's alone)."""
+        rngs = [rng_state()]
+        if self.dist.enabled:
+            rngs = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(rngs, rng_state())
+        trained = self.trained()
+        return {"rngs": rngs,
+                "states": {n: self.model_state(m) for n, (m, _, _) in trained.items()},
+                "optimizers": {n: self.optimizer_state(m, o) for n, (m, o, _) in
+                               trained.items()}}
+
+    def _write_checkpoint(self, directory: Path, payload: dict[str, Any]) -> None:
+        for name, (model, _, scheduler) in self.trained().items():
+            model.save_pretrained(directory / name, state_dict=payload["states"][name])
+            prefix = "" if name == "model" else f"{name}_"
+            torch.save(payload["optimizers"][name], directory / f"{prefix}optimizer.pt")
+            torch.save(scheduler.state_dict(), directory / f"{prefix}scheduler.pt")
+        for rank, state in enumerate(payload["rngs"]):
+            save_rng(directory / ("rng.pt" if rank == 0 else f"rng_rank{rank}.pt"), state)
         state = {"step": self.step, "skipped_steps": self.skipped_steps,
-                 "extra": self.extra_state()}
+                 "world_size": self.dist.world_size, "extra": self.extra_state()}
         (directory / "state.json").write_text(json.dumps(state))
 
     def checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, self._write_checkpoint,
-                               keep=self.run.keep_checkpoints)
+        """Save atomically: every rank gathers its part, rank 0 writes, all wait."""
+        payload = self.gather()
+        path = self.run_dir / "checkpoints" / f"step_{self.step}"
+        if self.dist.is_main:
+            path = save_checkpoint(self.run_dir / "checkpoints", self.step,
+                                   lambda d: self._write_checkpoint(d, payload),
+                                   keep=self.run.keep_checkpoints)
+        self.dist.barrier()
+        return path
 
     def restore(self, directory: Path) -> None:
         state = json.loads((directory / "state.json").read_text())
-        self.load_models(directory)
-        self.optimizer.load_state_dict(load_torch(directory / "optimizer.pt"))
-        self.scheduler.load_state_dict(load_torch(directory / "scheduler.pt"))
-        load_rng(directory / "rng.pt")
+        for name, (model, optimizer, scheduler) in self.trained().items():
+            prefix = "" if name == "model" else f"{name}_"
+            load_weights(model, directory / name)
+            self.load_optimizer_state(model, optimizer, directory / f"{prefix}optimizer.pt")
+            scheduler.load_state_dict(load_torch(directory / f"{prefix}scheduler.pt"))
+        own = directory / f"rng_rank{self.dist.rank}.pt"
+        # Exact resume needs the same world size; on another one each rank starts from rank
+        # 0's generator state (the data order does not depend on it).
+        load_rng(own if own.exists() and self.dist.rank else directory / "rng.pt")
         self.step = state["step"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.load_extra_state(state.get("extra", {}))
 
     def train(self) -> TrainResult:
         start_time = time.time()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+        self.dist.barrier()
         self.build_optimizer()
         if self.run.resume:
             ckpt = latest_checkpoint(self.run_dir / "checkpoints")
             if ckpt is None:
-                print(f"no complete checkpoint in {self.run_dir / 'checkpoints'}; "
-                      "starting from the beginning", flush=True)
+                if main:
+                    print(f"no complete checkpoint in {self.run_dir / 'checkpoints'}; "
+                          "starting from the beginning", flush=True)
             else:
                 self.restore(ckpt)
-                print(f"resumed from {ckpt} (step {self.step})", flush=True)
-        logger = MetricsLogger(self.run_dir, tensorboard=self.run.tensorboard)
-        # A fresh run starts its logs afresh; a resumed one drops what it will redo.
-        for name in ("metrics.jsonl", "samples.jsonl", "advantage_by_position.jsonl",
-                     "alerts.jsonl"):
-            truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
+                if main:
+                    print(f"resumed from {ckpt} (step {self.step})", flush=True)
+        logger = _Logger(self.run_dir, self.run.tensorboard, main)
+        if main:
+            # A fresh run starts its logs afresh; a resumed one drops what it will redo.
+            for name in ("metrics.jsonl", "samples.jsonl", "advantage_by_position.jsonl",
+                         "alerts.jsonl"):
+                truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
+        self.dist.barrier()
         self.history = read_metrics(self.run_dir)
         self.positions = read_jsonl(self.run_dir / "advantage_by_position.jsonl")
-        monitors = MonitorLog(self.run_dir)
-        progress = Progress(self.run.steps, self.kind, self.run.progress, start=self.step)
+        monitors = MonitorLog(self.run_dir) if main else None
+        progress = Progress(self.run.steps, self.kind, self.run.progress if main else "none",
+                            start=self.step)
         self._progress = progress
         status: Literal["finished", "interrupted"] = "finished"
         eval_metrics: dict[str, float] = {}
         try:
             if self.step == 0 and self.run.eval_every:
-                start = self.evaluate()  # the starting point, for before/after comparisons
+                start = self.evaluate_on_main()  # the starting point, for before/after
                 if start:
                     self.history.append({"step": 0, **logger.log(0, start)})
             with _StopRequest() as stop:
@@ -398,39 +548,61 @@ class Trainer:
                     if self.run.eval_every and self.step % self.run.eval_every == 0 \
                             and self.step < self.run.steps:
                         self.phase("eval")
-                        metrics.update(self.evaluate())
+                        metrics.update(self.evaluate_on_main())
                     if self.step % self.run.log_every == 0 or self.step == self.run.steps:
                         row = logger.log(self.step, metrics)
                         self.history.append({"step": self.step, **row})
                         progress.update(self.step, {k: row[k] for k in self.progress_keys
                                                     if k in row})
-                        monitors.update(self.history, self.positions)
+                        if monitors is not None:
+                            monitors.update(self.history, self.positions)
                     for callback in self.callbacks:
                         callback(self, self.step, metrics)
                     if self.run.save_every and self.step % self.run.save_every == 0:
                         self.phase("checkpoint")
                         self.checkpoint()
                     self.phase("train")
-                    if stop.requested:
+                    if self._stop_everywhere(stop.requested):
                         self.checkpoint()
                         status = "interrupted"
                         break
             if status == "finished":
-                eval_metrics = self.evaluate()
+                eval_metrics = self.evaluate_on_main()
                 if eval_metrics:
                     self.history.append({"step": self.step,
                                          **logger.log(self.step, eval_metrics)})
-                    monitors.update(self.history, self.positions)
+                    if monitors is not None:
+                        monitors.update(self.history, self.positions)
+                self.before_final()
                 self.checkpoint()
                 final = self.run_dir / "final"
-                self.save_final(final)
+                states = {"model": self.model_state(self.model)} if self.sharded else {}
+                if main:
+                    self.save_final(final, states)
+                self.dist.barrier()
             else:
                 final = None
         finally:
             progress.close()
             logger.close()
-        report = self.write_report()
+        report = self.write_report() if main else None
         if report is not None:
             print(f"report: {report}", flush=True)
         return TrainResult(self.run_dir, self.step, status, final, eval_metrics,
                            self.skipped_steps, time.time() - start_time)
+
+
+class _Logger:
+    """MetricsLogger on rank 0; the other ranks return the row without writing it."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, active: bool) -> None:
+        self._inner = MetricsLogger(run_dir, tensorboard=tensorboard) if active else None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        if self._inner is not None:
+            return self._inner.log(step, metrics)
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()

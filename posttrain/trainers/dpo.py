@@ -137,7 +137,8 @@ class DPOTrainer(Trainer):
         d = self.config.dpo
         pairs = [p for _, p in items]
         n = len(pairs)
-        seq, counts, _ = self.pair_logps(self.model, pairs)
+        model = self.fwd if split == "train" and self.fwd is not None else self.model
+        seq, counts, _ = self.pair_logps(model, pairs)
         chosen, rejected = seq[:n], seq[n:]
         ref_c = ref_r = None
         if self.reference is not None:

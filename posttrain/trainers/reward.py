@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from posttrain import distributed
 from posttrain.algos import bradley_terry_loss
 from posttrain.config import doc
 from posttrain.data.collate import TokenizedPair, TokenStats, collate_pairs, tokenize_preferences
-from posttrain.models.forward import sequence_scores
+from posttrain.models.forward import TokenValues, sequence_scores
 from posttrain.models.load import load_reward_model, load_tokenizer
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
 from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval, report_truncation
@@ -64,14 +65,20 @@ class RewardModelTrainer(Trainer):
     def step_totals(self, items: Sequence[TokenizedPair]) -> dict[str, int]:
         return {"pairs": len(items)}
 
-    def scores(self, items: Sequence[TokenizedPair]) -> tuple[Tensor, Tensor]:
+    def prepare_parallel(self) -> None:
+        if self.fwd is None:  # backbone and head as one module, so DDP syncs both
+            self.fwd = distributed.wrap(TokenValues(self.model), self.dist, self.run.parallel)
+
+    def scores(self, items: Sequence[TokenizedPair], train: bool = False
+               ) -> tuple[Tensor, Tensor]:
         b = collate_pairs(items, self.tokenizer.pad_token_id)
-        s = sequence_scores(self.model, b["input_ids"].to(self.device),
+        model = self.fwd if train and self.fwd is not None else self.model
+        s = sequence_scores(model, b["input_ids"].to(self.device),
                             b["attention_mask"].to(self.device))
         return s[: len(items)], s[len(items):]
 
     def micro_loss(self, items, totals):
-        chosen, rejected = self.scores(items)
+        chosen, rejected = self.scores(items, train=True)
         losses, metrics = bradley_terry_loss(chosen, rejected, self.config.rm.margin)
         n = totals["pairs"]
         return losses.sum() / n, {"accuracy": metrics["rm/accuracy"] * len(items) / n,
@@ -112,7 +119,6 @@ class RewardModelTrainer(Trainer):
         self.model.train()
         return total / max(count, 1)
 
-    def save_final(self, directory):
+    def before_final(self) -> None:
         if self.config.rm.normalize:
             self.model.config.reward_offset = self.reward_offset()
-        super().save_final(directory)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from posttrain import algos
+from posttrain import algos, distributed
 from posttrain.algos import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
@@ -41,7 +41,12 @@ from posttrain.data.collate import (
 from posttrain.data.formats import Example
 from posttrain.data.loading import load_examples, shuffled
 from posttrain.errors import ConfigError
-from posttrain.models.forward import response_logprobs, response_values, sequence_logprobs
+from posttrain.models.forward import (
+    TokenValues,
+    response_logprobs,
+    response_values,
+    sequence_logprobs,
+)
 from posttrain.models.load import (
     AdapterDisabledReference,
     load_causal_lm,
@@ -53,7 +58,7 @@ from posttrain.models.load import (
 from posttrain.rewards.build import build_rewards
 from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
-from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, load_weights, lr_lambda
+from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, lr_lambda
 from posttrain.trainers.common import DataConfig, ModelConfig, report_truncation
 
 Metrics = dict[str, float]
@@ -143,6 +148,9 @@ class RolloutConfig:
     temperature: float = doc("Sampling temperature (also used for the log-probs).", 1.0)
     top_p: float = doc("Nucleus sampling (1: off).", 1.0)
     top_k: int = doc("Top-k sampling (0: off).", 0)
+    seed_per_prompt: bool = doc(
+        "Sample each prompt's group with a seed of its own (slower: no batching across "
+        "prompts), so responses do not depend on how prompts are split over ranks.", False)
 
 
 @dataclass(frozen=True)
@@ -259,24 +267,26 @@ class RLTrainer(Trainer):
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.critic_optimizer, lr_lambda(o, self.run.steps))
 
-    def save_models(self, directory: Path) -> None:
-        super().save_models(directory)
+    def prepare_parallel(self) -> None:
+        if self.sharded:
+            raise ConfigError("RL under run.parallel=fsdp is not supported yet (generation "
+                              "would need every rank in lockstep); use run.parallel=ddp")
+        super().prepare_parallel()
+        if getattr(self, "critic_fwd", None) is not None:
+            return
+        self.critic_fwd = None
         if self.critic is not None:
-            self.critic.save_pretrained(directory / "critic")
-            torch.save(self.critic_optimizer.state_dict(), directory / "critic_optimizer.pt")
-            torch.save(self.critic_scheduler.state_dict(), directory / "critic_scheduler.pt")
+            self.critic_fwd = distributed.wrap(TokenValues(self.critic), self.dist,
+                                               self.run.parallel)
 
-    def load_models(self, directory: Path) -> None:
-        from posttrain.checkpoint import load_torch
-
-        super().load_models(directory)
+    def trained(self) -> dict[str, tuple[Any, Any, Any]]:
+        out = super().trained()
         if self.critic is not None:
-            load_weights(self.critic, directory / "critic")
-            self.critic_optimizer.load_state_dict(load_torch(directory / "critic_optimizer.pt"))
-            self.critic_scheduler.load_state_dict(load_torch(directory / "critic_scheduler.pt"))
+            out["critic"] = (self.critic, self.critic_optimizer, self.critic_scheduler)
+        return out
 
-    def save_final(self, directory: Path) -> None:
-        super().save_final(directory)
+    def save_final(self, directory: Path, states: dict[str, Any]) -> None:
+        super().save_final(directory, states)
         if self.critic is not None:
             save_model(self.critic, directory / "critic", self.tokenizer)
 
@@ -307,6 +317,7 @@ class RLTrainer(Trainer):
         self.phase("update")
         metrics.update(self.update(exp))              # K epochs of mini-batch updates
         metrics.update(self.rollout_metrics(exp))
+        metrics = self.dist.all_reduce_mean(metrics)  # every rank's share, averaged
         metrics["kl/coef"] = self.kl_ctl.value
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         self._generated_tokens = int(exp.response_lengths.sum())
@@ -330,15 +341,23 @@ class RLTrainer(Trainer):
             self.prompt_cursor += 1
         return out
 
-    def rollout(self, prompts: list[tuple[list[int], Example]], seed: int) -> Experience:
+    def rollout(self, prompts: list[tuple[list[int], Example]], seed: int,
+                indices: Sequence[int] | None = None) -> Experience:
+        """Sample the prompts' groups; `indices` are the prompts' global positions in the
+        data stream (they become the group ids, and the per-prompt seeds)."""
         r = self.config.rollout
         sampling = SamplingConfig(samples_per_prompt=r.samples_per_prompt,
                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=seed)
         columns = sorted({k for _, ex in prompts for k in ex.extra})
         meta = {k: [ex.extra.get(k) for _, ex in prompts] for k in columns}
-        return self.engine.generate([ids for ids, _ in prompts], sampling,
-                                    prompts=[ex.prompt for _, ex in prompts], meta=meta)
+        indices = list(indices) if indices is not None else list(range(len(prompts)))
+        seeds = [(seed * 7919 + i) % (2**31) for i in indices] if r.seed_per_prompt else None
+        exp = self.engine.generate([ids for ids, _ in prompts], sampling,
+                                   prompts=[ex.prompt for _, ex in prompts], meta=meta,
+                                   seeds=seeds)
+        group = torch.as_tensor(indices, device=exp.group_ids.device)
+        return exp.replace(group_ids=group.repeat_interleave(r.samples_per_prompt))
 
     def rewards(self, exp: Experience) -> tuple[Tensor, Metrics]:
         result = self.reward_fn.score(list(exp.prompts), list(exp.texts), **exp.meta)
@@ -347,35 +366,41 @@ class RLTrainer(Trainer):
         return torch.tensor(result.total, dtype=torch.float32, device=self.device), metrics
 
     def collect(self) -> tuple[Experience, Metrics]:
-        """Rollout and score; with dynamic sampling, keep only groups with reward variance and
-        sample more prompts until the batch is full (or the rounds run out)."""
-        r, a = self.config.rollout, self.algo
+        """Rollout and score this rank's share of the step's prompts; with dynamic sampling,
+        keep only groups with reward variance and sample more prompts until the batch is full
+        (or the rounds run out). Every rank draws the same global prompts and takes its
+        share, so the data stream does not depend on the number of ranks."""
+        r, a, dist = self.config.rollout, self.algo, self.dist
         parts: list[Experience] = []
         kept_groups, metrics = 0, {}
         rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
+        last: Experience | None = None
         for round_ in range(rounds):
             need = r.prompts_per_step - kept_groups
+            need += -need % dist.world_size  # every rank gets at least one prompt
             seed = (self.run.seed * 1_000_003 + self.step * 101 + round_) % (2**31)
+            first = self.prompt_cursor
+            prompts = self.next_prompts(need)
+            mine = dist.shard(list(zip(range(first, first + need), prompts, strict=True)))
             self.phase("rollout")
-            exp = self.rollout(self.next_prompts(need), seed)
+            exp = self.rollout([p for _, p in mine], seed, [i for i, _ in mine])
             self.phase("reward")
             scores, metrics = self.rewards(exp)
-            exp = exp.replace(scores=scores)
+            exp = last = exp.replace(scores=scores)
             if a.dynamic_sampling:
                 keep = _groups_with_variance(exp.scores, exp.group_ids)
                 metrics["sampling/kept_fraction"] = float(keep.float().mean())
                 exp = exp.select(torch.nonzero(keep).flatten().cpu())
             if len(exp):
-                exp = exp.replace(group_ids=exp.group_ids + 1_000 * round_)
                 parts.append(exp)
-                kept_groups += len(exp) // r.samples_per_prompt
+            local = torch.tensor(float(len(exp) // r.samples_per_prompt))
+            kept_groups += int(dist.all_reduce_sum(local).item())
             if kept_groups >= r.prompts_per_step:
                 break
         if not parts:
-            # every group had equal rewards: nothing to learn from, take the last batch as is
-            exp = self.rollout(self.next_prompts(r.prompts_per_step), seed + 7)
-            scores, metrics = self.rewards(exp)
-            parts = [exp.replace(scores=scores)]
+            # every group this rank sampled had equal rewards: its advantages are zero, but
+            # the batch is kept (unfiltered) so that every rank has something to update on
+            parts = [last]
         exp = Experience.concat(parts, self.tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
         metrics["sampling/rounds"] = float(round_ + 1)
         self.phase("score")
@@ -438,7 +463,9 @@ class RLTrainer(Trainer):
         adv, returns = compute_advantages(
             a.advantage, exp.token_rewards, exp.response_mask, values=exp.values,
             group_ids=exp.group_ids, gamma=a.gamma, lam=lam, critic_lam=a.critic_lam)
-        adv = whiten_advantages(adv, exp.response_mask, a.whiten, exp.group_ids)
+        # global whitening uses statistics of the whole batch, over every rank
+        adv = whiten_advantages(adv, exp.response_mask, a.whiten, exp.group_ids,
+                                reduce=self.dist.all_reduce_sum if self.dist.enabled else None)
         return exp.replace(advantages=adv, returns=returns)
 
     # -- update
@@ -461,75 +488,104 @@ class RLTrainer(Trainer):
         return {k: v / count for k, v in sums.items()}
 
     def update_minibatch(self, batch: Experience) -> Metrics:
-        """One optimiser step of the policy (and critic) on a mini-batch."""
-        a = self.algo
+        """One optimiser step of the policy (and critic) on this rank's share of a
+        mini-batch. Token and sequence counts are global, so the ranks' gradients sum to the
+        mini-batch's; under DDP each model synchronises once, on its last backward."""
+        a, dist = self.algo, self.dist
         mask = batch.response_mask
-        totals = {"tokens": max(int(mask.sum()), 1), "seqs": max(int((mask.sum(-1) > 0).sum()), 1)}
+        counts = dist.all_reduce_sum(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum()]).float())
+        totals = {"tokens": max(int(counts[0]), 1), "seqs": max(int(counts[1]), 1)}
         positive = algos.positive_example_mask(mask, batch.scores, a.positive_threshold) \
             if a.positive_lm_coef > 0 else None
-        pos_tokens = max(int(positive.sum()), 1) if positive is not None else 1
+        pos_tokens = max(int(dist.all_reduce_sum(positive.sum().float())), 1) \
+            if positive is not None else 1
+        scale = dist.loss_scale if dist.enabled else 1.0
+        micros = self._micro_indices(batch) if len(batch) else []
+        ptx = self._ptx_micro_batches() if a.ptx_coef > 0 else ([], 1)
+        policy_jobs = len(micros) + len(ptx[0])
         sums: dict[str, Tensor] = {}
         t = self.config.rollout.temperature or 1.0
-        for idx in self._micro_indices(batch):
+        for j, idx in enumerate(micros):
             mb = batch.select(idx)
             m = mb.response_mask
-            logp, entropy = response_logprobs(self.model, mb.input_ids, mb.attention_mask,
-                                              mb.response_len, t, with_entropy=True)
-            loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
-                logp, mb.old_logp, mb.advantages, m, clip_low=a.clip_low,
-                clip_high=a.clip_high, dual_clip=a.dual_clip)
-            if a.kl_placement == "loss":
-                loss_mat = loss_mat + self.kl_ctl.value * kl_estimate(
-                    logp, mb.ref_logp, a.kl_estimator) * m
-            if a.entropy_coef:
-                loss_mat = loss_mat - a.entropy_coef * entropy * m
-            loss = aggregate_loss(loss_mat, m, a.aggregation, num_tokens=totals["tokens"],
-                                  num_seqs=totals["seqs"],
-                                  norm_len=self.config.rollout.max_new_tokens)
-            if positive is not None:
-                pmask = positive[torch.as_tensor(idx, device=positive.device)]
-                loss = loss + a.positive_lm_coef * masked_sum(-logp, pmask) / pos_tokens
-            loss.backward()
+            with distributed.no_sync(self.fwd, j < policy_jobs - 1):
+                logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
+                                                  mb.response_len, t, with_entropy=True)
+                loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
+                    logp, mb.old_logp, mb.advantages, m, clip_low=a.clip_low,
+                    clip_high=a.clip_high, dual_clip=a.dual_clip)
+                if a.kl_placement == "loss":
+                    loss_mat = loss_mat + self.kl_ctl.value * kl_estimate(
+                        logp, mb.ref_logp, a.kl_estimator) * m
+                if a.entropy_coef:
+                    loss_mat = loss_mat - a.entropy_coef * entropy * m
+                loss = aggregate_loss(loss_mat, m, a.aggregation, num_tokens=totals["tokens"],
+                                      num_seqs=totals["seqs"],
+                                      norm_len=self.config.rollout.max_new_tokens)
+                if positive is not None:
+                    pmask = positive[torch.as_tensor(idx, device=positive.device)]
+                    loss = loss + a.positive_lm_coef * masked_sum(-logp, pmask) / pos_tokens
+                (loss * scale).backward()
             share = m.sum() / totals["tokens"]
             _add(sums, "loss/policy", loss.detach())
             _add(sums, "policy/entropy", masked_mean(entropy.detach(), m) * share)
             for k, v in pm.items():
                 _add(sums, k, v * share)
             if self.critic is not None:
-                values = response_values(self.critic, mb.input_ids, mb.attention_mask,
-                                         mb.response_len)
-                vloss_mat, vm = algos.value_loss(values, mb.values, mb.returns, m, a.value_clip)
-                vloss = aggregate_loss(vloss_mat, m, a.aggregation, num_tokens=totals["tokens"],
-                                       num_seqs=totals["seqs"],
-                                       norm_len=self.config.rollout.max_new_tokens)
-                vloss.backward()
+                with distributed.no_sync(self.critic_fwd, j < len(micros) - 1):
+                    values = response_values(self.critic_fwd, mb.input_ids, mb.attention_mask,
+                                             mb.response_len)
+                    vloss_mat, vm = algos.value_loss(values, mb.values, mb.returns, m,
+                                                     a.value_clip)
+                    vloss = aggregate_loss(vloss_mat, m, a.aggregation,
+                                           num_tokens=totals["tokens"], num_seqs=totals["seqs"],
+                                           norm_len=self.config.rollout.max_new_tokens)
+                    (vloss * scale).backward()
                 _add(sums, "loss/value", vloss.detach())
                 if "value/clipfrac" in vm:
                     _add(sums, "value/clipfrac", vm["value/clipfrac"] * share)
-        if a.ptx_coef > 0:
-            _add(sums, "loss/ptx", self.ptx_backward())
-        out = {k: float(v) for k, v in sums.items()}
+        if ptx[0]:
+            _add(sums, "loss/ptx", self.ptx_backward(ptx, len(micros), policy_jobs, scale))
+        if dist.enabled and not policy_jobs:  # nothing here: still join the all-reduce
+            self._join_allreduce(self.fwd)
+        if dist.enabled and self.critic is not None and not micros:
+            self._join_allreduce(self.critic_fwd)
+        out = {k: float(v) for k, v in _reduce_sums(dist, sums).items()}
         out["train/grad_norm"] = self._step_optimizer(self.optimizer, self.model)
         if self.critic is not None:
             out["value/grad_norm"] = self._step_optimizer(self.critic_optimizer, self.critic)
         return out
 
-    def ptx_backward(self) -> Tensor:
-        """γ_ptx · token-mean NLL on a batch of pretraining/SFT text (PPO-ptx)."""
+    def _join_allreduce(self, module) -> None:
+        ids = torch.full((1, 2), self.tokenizer.pad_token_id, device=self.device)
+        att = torch.ones_like(ids, dtype=torch.bool)
+        out = module(input_ids=ids, attention_mask=att)
+        (getattr(out, "logits", out).sum() * 0.0).backward()
+
+    def _ptx_micro_batches(self) -> tuple[list[list[TokenizedExample]], int]:
+        """This rank's micro-batches of the step's ptx text, and the global token count."""
         a = self.algo
         total = len(self.ptx_items)
         start = (self.step * a.ptx_batch_size) % total
         items = [self.ptx_items[(start + i) % total] for i in range(a.ptx_batch_size)]
         n_tokens = max(sum(sum(it.loss_mask[1:]) for it in items), 1)
+        local = self.dist.shard(items)
+        micros = [[local[i] for i in idx] for idx in micro_batches_by_tokens(
+            [len(it.input_ids) for it in local], self.run.micro_batch_tokens)]
+        return micros, n_tokens
+
+    def ptx_backward(self, ptx, done: int, jobs: int, scale: float) -> Tensor:
+        """γ_ptx · token-mean NLL on pretraining/SFT text (PPO-ptx)."""
+        micros, n_tokens = ptx
         out = torch.zeros((), device=self.device)
-        for idx in micro_batches_by_tokens([len(it.input_ids) for it in items],
-                                           self.run.micro_batch_tokens):
-            b = collate_sequences([items[i] for i in idx], self.tokenizer.pad_token_id)
+        for j, micro in enumerate(micros):
+            b = collate_sequences(micro, self.tokenizer.pad_token_id)
             b = {k: v.to(self.device) for k, v in b.items()}
-            logp, mask = sequence_logprobs(self.model, b["input_ids"], b["attention_mask"],
-                                           b["loss_mask"])
-            loss = a.ptx_coef * masked_sum(-logp, mask) / n_tokens
-            loss.backward()
+            with distributed.no_sync(self.fwd, done + j < jobs - 1):
+                logp, mask = sequence_logprobs(self.fwd, b["input_ids"], b["attention_mask"],
+                                               b["loss_mask"])
+                loss = self.algo.ptx_coef * masked_sum(-logp, mask) / n_tokens
+                (loss * scale).backward()
             out += loss.detach()
         return out
 
@@ -587,17 +643,24 @@ class RLTrainer(Trainer):
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, mini):
                 batch = exp.select(order[s : s + mini])
-                tokens = max(int(batch.response_mask.sum()), 1)
-                for idx in self._micro_indices(batch):
+                tokens = max(int(self.dist.all_reduce_sum(batch.response_mask.sum().float())),
+                             1)
+                micros = self._micro_indices(batch) if len(batch) else []
+                scale = self.dist.loss_scale if self.dist.enabled else 1.0
+                for j, idx in enumerate(micros):
                     mb = batch.select(idx)
-                    values = response_values(self.critic, mb.input_ids, mb.attention_mask,
-                                             mb.response_len)
-                    vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns,
-                                                    mb.response_mask, a.value_clip)
-                    aggregate_loss(vloss_mat, mb.response_mask, "token-mean",
-                                   num_tokens=tokens).backward()
+                    with distributed.no_sync(self.critic_fwd, j < len(micros) - 1):
+                        values = response_values(self.critic_fwd, mb.input_ids,
+                                                 mb.attention_mask, mb.response_len)
+                        vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns,
+                                                        mb.response_mask, a.value_clip)
+                        (aggregate_loss(vloss_mat, mb.response_mask, "token-mean",
+                                        num_tokens=tokens) * scale).backward()
+                if self.dist.enabled and not micros:
+                    self._join_allreduce(self.critic_fwd)
                 self._step_optimizer(self.critic_optimizer, self.critic)
-        return float(algos.explained_variance(exp.values, exp.returns, exp.response_mask))
+        ev = float(algos.explained_variance(exp.values, exp.returns, exp.response_mask))
+        return self.dist.all_reduce_mean({"ev": ev})["ev"]  # ranks decide to stop together
 
     # -- metrics and evaluation
     def rollout_metrics(self, exp: Experience) -> Metrics:
@@ -623,15 +686,16 @@ class RLTrainer(Trainer):
         by_pos = ((exp.advantages * mask).sum(0) / counts).tolist()
         record = {"step": self.step + 1, "mean_advantage": by_pos,
                   "tokens": mask.sum(0).tolist()}
-        self.positions.append(record)
-        with (self.run_dir / "advantage_by_position.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.dist.is_main:  # rank 0's share stands for the batch in this diagnostic
+            self.positions.append(record)
+            with (self.run_dir / "advantage_by_position.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
         out["adv/first_token"] = by_pos[0] if by_pos else 0.0
         return out
 
     def log_samples(self, exp: Experience) -> None:
         k = self.config.eval.samples_logged
-        if k <= 0 or (self.step + 1) % self.run.log_every:
+        if k <= 0 or (self.step + 1) % self.run.log_every or not self.dist.is_main:
             return
         with (self.run_dir / "samples.jsonl").open("a") as f:
             for i in range(min(k, len(exp))):
@@ -687,3 +751,14 @@ def _groups_with_variance(scores: Tensor, group_ids: Tensor) -> Tensor:
     lo = torch.full((n,), math.inf, device=scores.device).scatter_reduce(0, inverse, scores,
                                                                          "amin")
     return (hi > lo)[inverse]
+
+
+def _reduce_sums(dist, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Metric contributions are normalised by global counts: sum them over ranks."""
+    if not dist.enabled or not sums:
+        return sums
+    keys = sorted(sums)
+    device = next(iter(v for v in sums.values() if isinstance(v, Tensor))).device
+    values = dist.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
+                                                              device=device) for k in keys]))
+    return dict(zip(keys, values, strict=True))

@@ -72,7 +72,7 @@ class SFTTrainer(Trainer):
 
     def micro_loss(self, items, totals):
         b = self._batch(items)
-        logp, mask = sequence_logprobs(self.model, b["input_ids"], b["attention_mask"],
+        logp, mask = sequence_logprobs(self.fwd or self.model, b["input_ids"], b["attention_mask"],
                                        b["loss_mask"])
         loss = aggregate_loss(-logp, mask, "token-mean", num_tokens=max(totals["tokens"], 1))
         return loss, {"tokens": mask.sum().float()}

@@ -98,15 +98,27 @@ def _config_epilog(command: str) -> str:
     return "\n".join(lines)
 
 
+def _task_base(command: str, task_dir, preset: dict) -> dict:
+    """What --task fills in for COMMAND (making the stages it needs on first use)."""
+    from posttrain import pipeline
+
+    if command == "rl":
+        # the task adapts the preset (e.g. a critic from the policy under rule rewards)
+        return pipeline.rl_base(task_dir, preset)
+    return {"sft": pipeline.sft_base, "rm": pipeline.rm_base,
+            "dpo": pipeline.dpo_base}[command](task_dir)
+
+
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
     import importlib
 
-    from posttrain import pipeline
+    from posttrain import distributed, pipeline
     from posttrain.config import load_config, merge, parse_overrides
     from posttrain.errors import NonFiniteError, PosttrainError
 
     command = args.command
     module, cfg_name, trainer_name, _ = TRAINERS[command]
+    dist = distributed.init()
     try:
         mod = importlib.import_module(module)
         base: dict = {}
@@ -114,12 +126,14 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
         if command == "rl" and args.preset:
             preset = pipeline.load_preset(args.preset)
         if args.task:
+            # Under torchrun rank 0 makes the task and its earlier stages alone, first.
+            if dist.is_main:
+                with distributed.local_only():
+                    task_dir = pipeline.ensure_task(args.task)
+                    base = _task_base(command, task_dir, preset)
+            dist.barrier()
             task_dir = pipeline.ensure_task(args.task)
-            base = {"sft": pipeline.sft_base, "rm": pipeline.rm_base,
-                    "dpo": pipeline.dpo_base}.get(command, lambda d: {})(task_dir)
-            if command == "rl":
-                # the task adapts the preset (e.g. a critic from the policy under rule rewards)
-                base = pipeline.rl_base(task_dir, preset)
+            base = _task_base(command, task_dir, preset)
         base = merge(preset, base) if command == "rl" else base
         overrides = parse_overrides(extra)
         if args.resume:
@@ -134,6 +148,8 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except PosttrainError as err:
         print(f"posttrain {command}: error: {err}", file=sys.stderr)
         return 2
+    if not dist.is_main:
+        return 0 if result.status == "finished" else 130
     if result.status == "interrupted":
         print(f"stopped at step {result.steps_done}; resume with the same command and --resume")
         return 130

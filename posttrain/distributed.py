@@ -89,6 +89,21 @@ class Dist:
 
 
 _CURRENT: Dist | None = None
+_LOCAL_ONLY = 0  # > 0 inside `local_only()`
+
+
+class local_only:
+    """Within this block `init()` and `current()` report a single process: for work that one
+    rank does alone while the others wait (e.g. making a task's data and SFT model)."""
+
+    def __enter__(self) -> local_only:
+        global _LOCAL_ONLY
+        _LOCAL_ONLY += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _LOCAL_ONLY
+        _LOCAL_ONLY -= 1
 
 
 def init(device: str = "auto") -> Dist:
@@ -96,6 +111,8 @@ def init(device: str = "auto") -> Dist:
 
     NCCL when the device is CUDA, gloo on CPU. Without torchrun: a single-process `Dist`."""
     global _CURRENT
+    if _LOCAL_ONLY:
+        return Dist()
     if _CURRENT is not None:
         return _CURRENT
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -115,7 +132,7 @@ def init(device: str = "auto") -> Dist:
 
 
 def current() -> Dist:
-    return _CURRENT if _CURRENT is not None else Dist()
+    return _CURRENT if _CURRENT is not None and not _LOCAL_ONLY else Dist()
 
 
 def device_for(dist: Dist, name: str) -> torch.device:

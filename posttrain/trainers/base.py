@@ -420,7 +420,14 @@ class Trainer:
 
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                   cpu_offload=True))
-        return sd if self.dist.is_main else None
+        if not self.dist.is_main:
+            return None
+        # A gathered state dict lists tied weights twice; save_pretrained stores them once.
+        if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+            tied = getattr(model, "_tied_weights_keys", None) or []
+            for key in tied:
+                sd.pop(key, None)
+        return sd
 
     def optimizer_state(self, model: nn.Module, optimizer) -> dict | None:
         if not self.sharded:

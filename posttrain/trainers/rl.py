@@ -629,8 +629,9 @@ class RLTrainer(Trainer):
             if stale >= a.value_pretrain_patience:
                 break
         self.value_pretrained = True
-        print(f"value pretraining: {len(self._value_log)} steps, explained variance "
-              f"{self._value_log[-1]['explained_variance']:.3f}", flush=True)
+        if self.dist.is_main:
+            print(f"value pretraining: {len(self._value_log)} steps, explained variance "
+                  f"{self._value_log[-1]['explained_variance']:.3f}", flush=True)
 
     def _fit_values(self, exp: Experience) -> float:
         """`algo.epochs` x `algo.mini_batches` critic steps on one batch; returns the explained

@@ -392,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if getattr(args, "takes_overrides", False):
-        return args.func(args, extra)
+        from posttrain import distributed
+
+        try:
+            return args.func(args, extra)
+        finally:
+            distributed.shutdown()
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)

@@ -62,6 +62,16 @@ class Dist:
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
         return out
 
+    def all_reduce_sum_dict(self, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum a dict of scalar tensors over ranks (every rank has the same keys)."""
+        if not self.enabled or not values:
+            return values
+        keys = sorted(values)
+        device = next(v.device for v in values.values() if isinstance(v, Tensor))
+        stacked = torch.stack([torch.as_tensor(values[k], dtype=torch.float32, device=device)
+                               for k in keys])
+        return dict(zip(keys, self.all_reduce_sum(stacked), strict=True))
+
     def all_reduce_mean(self, values: dict[str, float]) -> dict[str, float]:
         """Average a dict of scalars over ranks (keys may differ; a missing key counts as
         absent, not as zero)."""
@@ -129,6 +139,14 @@ def init(device: str = "auto") -> Dist:
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     _CURRENT = Dist(rank, world, local)
     return _CURRENT
+
+
+def shutdown() -> None:
+    """Destroy the process group (a live gloo group at interpreter exit can abort it)."""
+    global _CURRENT
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _CURRENT = None
 
 
 def current() -> Dist:

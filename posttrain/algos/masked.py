@@ -36,17 +36,9 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def masked_var(
-    x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None
-) -> Tensor:
-    """Variance of the entries of `x` where `mask` is True (a scalar).
-
-    `unbiased` applies Bessel's correction n/(n-1). `reduce` sums partial statistics over
-    data-parallel ranks, so the result is the variance of the whole global batch.
-    """
-    x = check_tensor("x", x)
-    check_float("x", x)
-    m = check_mask("mask", mask, "x", x)
+def _moments(x: Tensor, m: Tensor, unbiased: bool, reduce: Reduce | None
+             ) -> tuple[Tensor, Tensor]:
+    """Masked mean and variance; `reduce` (two calls) sums the partial sums over ranks."""
     stats = torch.stack([(x * m).sum(), m.sum()])
     if reduce is not None:
         stats = reduce(stats)
@@ -58,7 +50,21 @@ def masked_var(
     var = sq / count.clamp(min=1)
     if unbiased:
         var = var * count / (count - 1).clamp(min=1)
-    return var
+    return mean, var
+
+
+def masked_var(
+    x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None
+) -> Tensor:
+    """Variance of the entries of `x` where `mask` is True (a scalar).
+
+    `unbiased` applies Bessel's correction n/(n-1). `reduce` sums partial statistics over
+    data-parallel ranks, so the result is the variance of the whole global batch.
+    """
+    x = check_tensor("x", x)
+    check_float("x", x)
+    m = check_mask("mask", mask, "x", x)
+    return _moments(x, m, unbiased, reduce)[1]
 
 
 def masked_whiten(
@@ -76,11 +82,7 @@ def masked_whiten(
     x = check_tensor("x", x)
     check_float("x", x)
     m = check_mask("mask", mask, "x", x)
-    stats = torch.stack([(x * m).sum(), m.sum()])
-    if reduce is not None:
-        stats = reduce(stats)
-    mean = stats[0] / stats[1].clamp(min=1)
-    var = masked_var(x, mask, unbiased=True, reduce=reduce)
+    mean, var = _moments(x, m, True, reduce)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -371,11 +371,7 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v.detach()
         if self.dist.enabled:
             total_loss = self.dist.all_reduce_sum(total_loss)
-            keys = sorted(sums)
-            if keys:
-                reduced = self.dist.all_reduce_sum(torch.stack([torch.as_tensor(
-                    sums[k], dtype=torch.float32, device=self.device) for k in keys]))
-                sums = dict(zip(keys, reduced, strict=True))
+            sums = self.dist.all_reduce_sum_dict(sums)
         return total_loss, sums
 
     def optimizer_step(self, items: Sequence[Any]) -> dict[str, float]:

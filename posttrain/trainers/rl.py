@@ -550,7 +550,7 @@ class RLTrainer(Trainer):
             self._join_allreduce(self.fwd)
         if dist.enabled and self.critic is not None and not micros:
             self._join_allreduce(self.critic_fwd)
-        out = {k: float(v) for k, v in _reduce_sums(dist, sums).items()}
+        out = {k: float(v) for k, v in dist.all_reduce_sum_dict(sums).items()}
         out["train/grad_norm"] = self._step_optimizer(self.optimizer, self.model)
         if self.critic is not None:
             out["value/grad_norm"] = self._step_optimizer(self.critic_optimizer, self.critic)
@@ -753,13 +753,3 @@ def _groups_with_variance(scores: Tensor, group_ids: Tensor) -> Tensor:
                                                                          "amin")
     return (hi > lo)[inverse]
 
-
-def _reduce_sums(dist, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Metric contributions are normalised by global counts: sum them over ranks."""
-    if not dist.enabled or not sums:
-        return sums
-    keys = sorted(sums)
-    device = next(iter(v for v in sums.values() if isinstance(v, Tensor))).device
-    values = dist.all_reduce_sum(torch.stack([torch.as_tensor(sums[k], dtype=torch.float32,
-                                                              device=device) for k in keys]))
-    return dict(zip(keys, values, strict=True))

@@ -148,6 +148,7 @@ def _train(args: argparse.Namespace, extra: list[str]) -> int:
     except PosttrainError as err:
         print(f"posttrain {command}: error: {err}", file=sys.stderr)
         return 2
+    dist.barrier()  # leave together: a rank exiting while another still works can abort it
     if not dist.is_main:
         return 0 if result.status == "finished" else 130
     if result.status == "interrupted":

@@ -23,10 +23,11 @@ from posttrain.rewards.combine import WeightedSum, load_reward_function
 from posttrain.rewards.rules import RULE_REWARDS, make_rule_reward
 
 
-def _resolve(path: Any, base_dir: Path | None) -> str:
+def resolve_path(path: Any, base_dir: str | Path | None) -> str:
+    """`path`, or `base_dir/path` when it is relative and exists there."""
     p = Path(str(path))
-    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
-        p = base_dir / p
+    if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
+        p = Path(base_dir) / p
     return str(p)
 
 
@@ -44,7 +45,7 @@ def build_reward(spec: str | Mapping[str, Any], base_dir: str | Path | None = No
     if "factory" in args:
         factory = load_reward_function(args.pop("factory"))
         if "path" in args:
-            args["path"] = _resolve(args["path"], base)
+            args["path"] = resolve_path(args["path"], base)
         return factory(**args)
     if "function" in args:
         return load_reward_function(args["function"])
@@ -54,7 +55,7 @@ def build_reward(spec: str | Mapping[str, Any], base_dir: str | Path | None = No
         from posttrain.models.load import load_reward_model, load_tokenizer
         from posttrain.rewards.model import RewardModelReward
 
-        path = _resolve(args["path"], base)
+        path = resolve_path(args["path"], base)
         model = load_reward_model(path, device=device or "cpu")
         from posttrain.models.load import freeze
 

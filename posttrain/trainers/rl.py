@@ -55,7 +55,7 @@ from posttrain.models.load import (
     load_tokenizer,
     save_model,
 )
-from posttrain.rewards.build import build_rewards
+from posttrain.rewards.build import build_rewards, resolve_path
 from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, lr_lambda
@@ -250,8 +250,7 @@ class RLTrainer(Trainer):
                 raise ConfigError(
                     "algo.critic_init=reward_model but no reward_model reward term is set; give "
                     "algo.critic_path, or set algo.critic_init=policy (rule rewards)")
-            return str(Path(cfg.reward.base_dir or ".") / rm["path"]) if cfg.reward.base_dir \
-                and not Path(rm["path"]).is_absolute() else rm["path"], "reward_model"
+            return resolve_path(rm["path"], cfg.reward.base_dir), "reward_model"
         return cfg.model.path, "policy"
 
     # ----------------------------------------------------------------- optimisers, state

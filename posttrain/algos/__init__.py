@@ -41,7 +41,7 @@ from posttrain.algos.policy_loss import (
     value_loss,
 )
 from posttrain.algos.preference import DPO_VARIANTS, DPOOutput, bradley_terry_loss, dpo_loss
-from posttrain.algos.registry import Registry
+from posttrain.registry import Registry
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from posttrain.algos._checks import check_float, check_like, check_mask, check_rows, check_tensor
 from posttrain.algos.masked import Reduce, masked_whiten
-from posttrain.algos.registry import Registry
 from posttrain.errors import ConfigError, ShapeError
+from posttrain.registry import Registry
 
 
 class AdvantageEstimator(Protocol):

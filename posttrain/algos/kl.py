@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from posttrain.algos._checks import check_float, check_like, check_mask, check_rows, check_tensor
-from posttrain.algos.registry import Registry
 from posttrain.errors import ConfigError
+from posttrain.registry import Registry
 
 KLEstimator = Callable[[Tensor], Tensor]
 """Maps log ρ = log π_ref − log π (any shape) to the per-token estimate (same shape)."""

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from posttrain.algos._checks import check_float, check_like, check_mask, check_rows, check_tensor
 from posttrain.algos.masked import masked_mean, masked_var
-from posttrain.algos.registry import Registry
 from posttrain.errors import ConfigError
+from posttrain.registry import Registry
 
 Metrics = dict[str, Tensor]
 PolicyLoss = Callable[..., tuple[Tensor, Metrics]]

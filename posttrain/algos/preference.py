@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from posttrain.algos._checks import check_float, check_like, check_tensor
-from posttrain.algos.registry import Registry
 from posttrain.errors import ConfigError
+from posttrain.registry import Registry
 
 Metrics = dict[str, Tensor]
 

@@ -1,4 +1,5 @@
-"""Name -> function registries, one per kind of choice (habit 4 of STYLE.md).
+"""Name -> function registries, one per kind of choice (habit 4 of STYLE.md). Plain Python,
+so any layer can use it without importing torch.
 
 Registering a name twice is an error, and looking up an unknown name lists the known ones.
 """

@@ -104,30 +104,31 @@ def kl_overoptimisation(rows: Sequence[Row], min_points: int = 3,
                  f"{s_last}). A KL budget near {kl_best:.2g} would have kept the best policy.")
 
 
-def entropy_collapse(rows: Sequence[Row], ratio: float = 0.1) -> Alert | None:
-    ent = _series(rows, "policy/entropy")
-    if len(ent) < 3 or ent[0][1] <= 0:
+def _collapse(rows: Sequence[Row], key: str, ratio: float, kind: str, what: str,
+              advice: str) -> Alert | None:
+    """`key` fell below `ratio` x its first logged value."""
+    series = _series(rows, key)
+    if len(series) < 3 or series[0][1] <= 0:
         return None
-    step, last = ent[-1]
-    if last < ratio * ent[0][1]:
-        return Alert("entropy_collapse", step,
-                     f"entropy collapse: policy entropy fell from {ent[0][1]:.3g} (step "
-                     f"{ent[0][0]}) to {last:.3g} (step {step}); the policy has stopped "
-                     "exploring. Consider clip-higher, an entropy bonus or a lower lr.")
-    return None
+    (first_step, first), (step, last) = series[0], series[-1]
+    if last >= ratio * first:
+        return None
+    return Alert(kind, step, f"{what} fell from {first:.3g} (step {first_step}) to {last:.3g} "
+                             f"(step {step}). {advice}")
+
+
+def entropy_collapse(rows: Sequence[Row], ratio: float = 0.1) -> Alert | None:
+    return _collapse(rows, "policy/entropy", ratio, "entropy_collapse",
+                     "entropy collapse: policy entropy",
+                     "The policy has stopped exploring. Consider clip-higher, an entropy bonus "
+                     "or a lower lr.")
 
 
 def length_collapse(rows: Sequence[Row], ratio: float = 0.5) -> Alert | None:
-    lengths = _series(rows, "response/length")
-    if len(lengths) < 3 or lengths[0][1] <= 0:
-        return None
-    step, last = lengths[-1]
-    if last < ratio * lengths[0][1]:
-        return Alert("length_collapse", step,
-                     f"response-length collapse: mean length fell from {lengths[0][1]:.3g} to "
-                     f"{last:.3g} tokens (step {step}). With a critic, this is the symptom of "
-                     "value bias: pretrain the critic (vc_ppo/vapo) or use decoupled GAE.")
-    return None
+    return _collapse(rows, "response/length", ratio, "length_collapse",
+                     "response-length collapse: the mean length in tokens",
+                     "With a critic, this is the symptom of value bias: pretrain the critic "
+                     "(vc_ppo/vapo) or use decoupled GAE.")
 
 
 def value_bias(positions: Sequence[dict], steps: int = 20, early: int = 5,

@@ -329,10 +329,11 @@ class Trainer:
             out.append(self.train_items[self._order_cache[epoch][pos]])
         return out
 
-    def micro_batches(self, items: Sequence[Any]) -> list[list[Any]]:
+    def micro_batches(self, items: Sequence[Any], budget: int | None = None) -> list[list[Any]]:
+        """`items` grouped by the token budget (default: run.micro_batch_tokens)."""
         lengths = [self.item_length(it) for it in items]
-        return [[items[i] for i in idx]
-                for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens)]
+        budget = budget or self.run.micro_batch_tokens
+        return [[items[i] for i in idx] for idx in micro_batches_by_tokens(lengths, budget)]
 
     def prepare_parallel(self) -> None:
         """Wrap the trained model for data parallelism (DDP or FSDP2) under torchrun; training
@@ -359,9 +360,6 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         sums: dict[str, Tensor] = {}
         scale = self.dist.loss_scale
-        if not micros and self.dist.enabled:  # still join the gradient all-reduce
-            zero = sum(p.sum() for p in self.parameters()) * 0.0
-            zero.backward()
         for i, micro in enumerate(micros):
             with distributed.no_sync(self.fwd or self.model, i < len(micros) - 1):
                 loss, metrics = self.micro_loss(micro, totals)
@@ -508,6 +506,9 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
         self.dist.barrier()
+        if self.dist.enabled and self.run.batch_size < self.dist.world_size and self.kind != "rl":
+            raise ConfigError(f"run.batch_size ({self.run.batch_size}) is global and must be at "
+                              f"least the number of processes ({self.dist.world_size})")
         self.build_optimizer()
         if self.run.resume:
             ckpt = latest_checkpoint(self.run_dir / "checkpoints")

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import nn
 
 from posttrain.config import doc
-from posttrain.data.collate import TruncationPolicy, tokenize_prompts
+from posttrain.data.collate import TruncationPolicy
 from posttrain.data.formats import Example
 from posttrain.data.loading import load_examples, split_examples
 from posttrain.errors import ConfigError
@@ -96,16 +95,13 @@ def _check_kind(examples: list[Example], kinds: list[str | None], source: str) -
                           f"records, got a {bad.kind!r} record ({source})")
 
 
-@torch.no_grad()
 def greedy_completions(model: nn.Module, tokenizer, examples: Sequence[Example],
-                       max_new_tokens: int, batch_prompts: int = 64) -> list[str]:
+                       max_new_tokens: int) -> list[str]:
     """Greedy responses to the examples' prompts, decoded without special tokens."""
-    from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+    from posttrain.evaluation import EvalSettings, generate
 
-    engine = HFGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                              max_batch_prompts=batch_prompts, decode=tokenizer.decode)
-    prompts = [ids for ids, _ in tokenize_prompts(examples, tokenizer)]
-    exp = engine.generate(prompts, SamplingConfig(max_new_tokens=max_new_tokens, temperature=0))
+    exp = generate(model, tokenizer, examples, EvalSettings(max_new_tokens=max_new_tokens,
+                                                            temperature=0))
     return list(exp.texts)
 
 

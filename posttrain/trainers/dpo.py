@@ -15,7 +15,6 @@ from posttrain.data.collate import (
     TokenizedPair,
     TokenStats,
     collate_pairs,
-    micro_batches_by_tokens,
     tokenize_preferences,
 )
 from posttrain.errors import ConfigError
@@ -125,9 +124,7 @@ class DPOTrainer(Trainer):
     def reference_logps(self, items) -> Tensor:
         """(N, 2) reference log-probs of [chosen, rejected] for every item, by index."""
         out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
-        lengths = [pair_length(p) for _, p in items]
-        for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens):
-            chunk = [items[i] for i in idx]
+        for chunk in self.micro_batches(items):
             seq, _, _ = self.pair_logps(self.reference, [p for _, p in chunk])
             ids = torch.tensor([i for i, _ in chunk], device=self.device)
             out[ids, 0], out[ids, 1] = seq[: len(chunk)].float(), seq[len(chunk):].float()
@@ -166,10 +163,8 @@ class DPOTrainer(Trainer):
         if not self.eval_items:
             return {}
         self.model.eval()
-        lengths = [pair_length(p) for _, p in self.eval_items]
         sums: dict[str, float] = {}
-        for idx in micro_batches_by_tokens(lengths, self.run.micro_batch_tokens):
-            chunk = [self.eval_items[i] for i in idx]
+        for chunk in self.micro_batches(self.eval_items):
             out = self._losses(chunk, "eval")
             sums["eval/loss"] = sums.get("eval/loss", 0.0) + float(out.losses.sum())
             for k, v in out.metrics.items():
@@ -189,21 +184,15 @@ class DPOTrainer(Trainer):
         return params
 
 
+
 @torch.no_grad()
 def sampled_reward(model, tokenizer, examples, reward_fn, cfg: PolicyEvalConfig,
                    seed: int) -> dict[str, float]:
     """Mean reward of responses sampled (with a fixed seed) for held-out prompts."""
-    from posttrain.data.collate import tokenize_prompts
-    from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+    from posttrain.evaluation import EvalSettings, generate
 
-    engine = HFGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                              decode=tokenizer.decode)
-    pairs = tokenize_prompts(examples, tokenizer)
-    sampling = SamplingConfig(samples_per_prompt=cfg.samples_per_prompt,
-                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                              seed=seed + 7919)
-    exp = engine.generate([ids for ids, _ in pairs], sampling,
-                          prompts=[ex.prompt for _, ex in pairs])
-    scores = reward_fn.score(list(exp.prompts), list(exp.texts)).total
+    exp = generate(model, tokenizer, examples, EvalSettings(
+        cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, seed + 7919))
+    scores = reward_fn.score(list(exp.prompts), list(exp.texts), **exp.meta).total
     return {"eval/reward": sum(scores) / len(scores),
             "eval/response_length": float(exp.response_lengths.float().mean())}

@@ -90,7 +90,7 @@ class RewardModelTrainer(Trainer):
             return {}
         self.model.eval()
         chosen, rejected = [], []
-        for micro in self._chunks(self.eval_items):
+        for micro in self.micro_batches(self.eval_items):
             c, r = self.scores(micro)
             chosen.append(c)
             rejected.append(r)
@@ -100,19 +100,12 @@ class RewardModelTrainer(Trainer):
         return {"eval/loss": float(losses.mean()), "eval/accuracy": float(metrics["rm/accuracy"]),
                 "eval/margin": float(metrics["rm/margin"])}
 
-    def _chunks(self, items: Sequence[TokenizedPair]) -> list[list[TokenizedPair]]:
-        from posttrain.data.collate import micro_batches_by_tokens
-
-        idx = micro_batches_by_tokens([pair_length(p) for p in items],
-                                      self.run.micro_batch_tokens)
-        return [[items[i] for i in b] for b in idx]
-
     @torch.no_grad()
     def reward_offset(self) -> float:
         """Mean score over the training responses (chosen and rejected)."""
         self.model.eval()
         total, count = 0.0, 0
-        for micro in self._chunks(self.train_items):
+        for micro in self.micro_batches(self.train_items):
             c, r = self.scores(micro)
             total += float(c.sum() + r.sum())
             count += 2 * len(micro)

@@ -82,19 +82,13 @@ class SFTTrainer(Trainer):
         """Token-mean NLL of the held-out completions."""
         self.model.eval()
         total, count = 0.0, 0
-        for micro in self.micro_batches_of(self.eval_items, self.config.eval.batch_tokens):
+        for micro in self.micro_batches(self.eval_items, self.config.eval.batch_tokens):
             b = self._batch(micro)
             logp, mask = sequence_logprobs(self.model, b["input_ids"], b["attention_mask"],
                                            b["loss_mask"])
             total += float(masked_sum(-logp, mask))
             count += int(mask.sum())
         return total / max(count, 1)
-
-    def micro_batches_of(self, items, budget):
-        from posttrain.data.collate import micro_batches_by_tokens
-
-        lengths = [len(it.input_ids) for it in items]
-        return [[items[i] for i in idx] for idx in micro_batches_by_tokens(lengths, budget)]
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_items:

@@ -92,6 +92,9 @@ class RunConfig:
     progress: Literal["auto", "rich", "plain", "none"] = doc(
         "Progress display: a bar on a terminal (auto), plain lines, or nothing.", "auto")
     resume: bool = doc("Continue from the newest complete checkpoint of this run.", False)
+    precision: Literal["fp32", "bf16"] = doc(
+        "fp32, or bf16 mixed precision: forward passes under bfloat16 autocast; weights, "
+        "gradients, optimiser state and log-softmax stay float32.", "fp32")
     parallel: Literal["ddp", "fsdp", "none"] = doc(
         "Under torchrun: replicate the trained models (ddp) or shard them (fsdp, FSDP2's "
         "fully_shard). batch_size stays global; each rank takes its share.", "ddp")
@@ -277,8 +280,10 @@ class Trainer:
         """`evaluate()` on rank 0 while the others wait (every rank under FSDP2, whose
         forward passes need all the shards; rank 0's numbers are kept)."""
         if not self.dist.enabled:
-            return self.evaluate()
-        out = self.evaluate() if self.dist.is_main or self.sharded else {}
+            with self.autocast():
+                return self.evaluate()
+        with self.autocast():
+            out = self.evaluate() if self.dist.is_main or self.sharded else {}
         self.dist.barrier()
         return out if self.dist.is_main else {}
 
@@ -288,6 +293,11 @@ class Trainer:
             return requested is not None
         flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
         return bool(self.dist.all_reduce_sum(flag).item() > 0)
+
+    def autocast(self) -> torch.autocast:
+        """The forward-pass context of `run.precision` (backward passes run outside it)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.run.precision == "bf16")
 
     def phase(self, name: str) -> None:
         """Name the running phase on the progress bar."""
@@ -362,7 +372,8 @@ class Trainer:
         scale = self.dist.loss_scale
         for i, micro in enumerate(micros):
             with distributed.no_sync(self.fwd or self.model, i < len(micros) - 1):
-                loss, metrics = self.micro_loss(micro, totals)
+                with self.autocast():
+                    loss, metrics = self.micro_loss(micro, totals)
                 (loss * scale if self.dist.enabled else loss).backward()
             total_loss += loss.detach()
             for k, v in metrics.items():

@@ -125,7 +125,8 @@ class DPOTrainer(Trainer):
         """(N, 2) reference log-probs of [chosen, rejected] for every item, by index."""
         out = torch.zeros(len(items), 2, dtype=torch.float32, device=self.device)
         for chunk in self.micro_batches(items):
-            seq, _, _ = self.pair_logps(self.reference, [p for _, p in chunk])
+            with self.autocast():
+                seq, _, _ = self.pair_logps(self.reference, [p for _, p in chunk])
             ids = torch.tensor([i for i, _ in chunk], device=self.device)
             out[ids, 0], out[ids, 1] = seq[: len(chunk)].float(), seq[len(chunk):].float()
         return out

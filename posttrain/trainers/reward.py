@@ -106,7 +106,8 @@ class RewardModelTrainer(Trainer):
         self.model.eval()
         total, count = 0.0, 0
         for micro in self.micro_batches(self.train_items):
-            c, r = self.scores(micro)
+            with self.autocast():
+                c, r = self.scores(micro)
             total += float(c.sum() + r.sum())
             count += 2 * len(micro)
         self.model.train()

@@ -352,9 +352,10 @@ class RLTrainer(Trainer):
         meta = {k: [ex.extra.get(k) for _, ex in prompts] for k in columns}
         indices = list(indices) if indices is not None else list(range(len(prompts)))
         seeds = [(seed * 7919 + i) % (2**31) for i in indices] if r.seed_per_prompt else None
-        exp = self.engine.generate([ids for ids, _ in prompts], sampling,
-                                   prompts=[ex.prompt for _, ex in prompts], meta=meta,
-                                   seeds=seeds)
+        with self.autocast():
+            exp = self.engine.generate([ids for ids, _ in prompts], sampling,
+                                       prompts=[ex.prompt for _, ex in prompts], meta=meta,
+                                       seeds=seeds)
         group = torch.as_tensor(indices, device=exp.group_ids.device)
         return exp.replace(group_ids=group.repeat_interleave(r.samples_per_prompt))
 
@@ -384,7 +385,8 @@ class RLTrainer(Trainer):
             self.phase("rollout")
             exp = self.rollout([p for _, p in mine], seed, [i for i, _ in mine])
             self.phase("reward")
-            scores, metrics = self.rewards(exp)
+            with self.autocast():
+                scores, metrics = self.rewards(exp)
             exp = last = exp.replace(scores=scores)
             if a.dynamic_sampling:
                 keep = _groups_with_variance(exp.scores, exp.group_ids)
@@ -411,13 +413,15 @@ class RLTrainer(Trainer):
         t = self.config.rollout.temperature or 1.0
         old, ref, values = [], [], []
         self.model.eval()
-        for idx in self._micro_indices(exp):
-            ids, att = exp.input_ids[idx], exp.attention_mask[idx]
-            old.append(response_logprobs(self.model, ids, att, exp.response_len, t)[0])
-            if self.reference is not None:
-                ref.append(response_logprobs(self.reference, ids, att, exp.response_len, t)[0])
-            if self.critic is not None:
-                values.append(response_values(self.critic, ids, att, exp.response_len))
+        with self.autocast():
+            for idx in self._micro_indices(exp):
+                ids, att = exp.input_ids[idx], exp.attention_mask[idx]
+                old.append(response_logprobs(self.model, ids, att, exp.response_len, t)[0])
+                if self.reference is not None:
+                    ref.append(response_logprobs(self.reference, ids, att, exp.response_len,
+                                                 t)[0])
+                if self.critic is not None:
+                    values.append(response_values(self.critic, ids, att, exp.response_len))
         self.model.train()
 
         def cat(parts):
@@ -508,8 +512,9 @@ class RLTrainer(Trainer):
             mb = batch.select(idx)
             m = mb.response_mask
             with distributed.no_sync(self.fwd, j < policy_jobs - 1):
-                logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
-                                                  mb.response_len, t, with_entropy=True)
+                with self.autocast():
+                    logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
+                                                      mb.response_len, t, with_entropy=True)
                 loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
                     logp, mb.old_logp, mb.advantages, m, clip_low=a.clip_low,
                     clip_high=a.clip_high, dual_clip=a.dual_clip)
@@ -532,8 +537,9 @@ class RLTrainer(Trainer):
                 _add(sums, k, v * share)
             if self.critic is not None:
                 with distributed.no_sync(self.critic_fwd, j < len(micros) - 1):
-                    values = response_values(self.critic_fwd, mb.input_ids, mb.attention_mask,
-                                             mb.response_len)
+                    with self.autocast():
+                        values = response_values(self.critic_fwd, mb.input_ids,
+                                                 mb.attention_mask, mb.response_len)
                     vloss_mat, vm = algos.value_loss(values, mb.values, mb.returns, m,
                                                      a.value_clip)
                     vloss = aggregate_loss(vloss_mat, m, a.aggregation,
@@ -581,8 +587,9 @@ class RLTrainer(Trainer):
             b = collate_sequences(micro, self.tokenizer.pad_token_id)
             b = {k: v.to(self.device) for k, v in b.items()}
             with distributed.no_sync(self.fwd, done + j < jobs - 1):
-                logp, mask = sequence_logprobs(self.fwd, b["input_ids"], b["attention_mask"],
-                                               b["loss_mask"])
+                with self.autocast():
+                    logp, mask = sequence_logprobs(self.fwd, b["input_ids"],
+                                                   b["attention_mask"], b["loss_mask"])
                 loss = self.algo.ptx_coef * masked_sum(-logp, mask) / n_tokens
                 (loss * scale).backward()
             out += loss.detach()
@@ -650,8 +657,9 @@ class RLTrainer(Trainer):
                 for j, idx in enumerate(micros):
                     mb = batch.select(idx)
                     with distributed.no_sync(self.critic_fwd, j < len(micros) - 1):
-                        values = response_values(self.critic_fwd, mb.input_ids,
-                                                 mb.attention_mask, mb.response_len)
+                        with self.autocast():
+                            values = response_values(self.critic_fwd, mb.input_ids,
+                                                     mb.attention_mask, mb.response_len)
                         vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns,
                                                         mb.response_mask, a.value_clip)
                         (aggregate_loss(vloss_mat, mb.response_mask, "token-mean",

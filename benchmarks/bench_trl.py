@@ -1,0 +1,150 @@
+"""One benchmark workload with TRL; run by `run.py` inside a TRL virtual environment.
+
+    python bench_trl.py --root DIR --workload dpo --size small --precision fp32 --steps 15
+
+Prints one `BENCH_RESULT {json}` line. Step times are the intervals between TRL's
+`on_step_end` callbacks (the whole optimiser step: data, generation, scoring, update).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from assets import digit_reward, records  # noqa: E402
+from workloads import LR, NEW_TOKENS, SEQ, WORKLOADS, GenerationTimer, emit, summarise  # noqa: E402
+
+
+def reward(prompts=None, completions=None, **_):
+    return digit_reward([c if isinstance(c, str) else c[-1]["content"] for c in completions])
+
+
+def _count_generated(out, args, kwargs) -> int:
+    seqs = getattr(out, "sequences", out)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    return int(seqs.shape[0] * (seqs.shape[1] - ids.shape[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+
+    import torch
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    torch.manual_seed(0)
+    w = WORKLOADS[a.workload]
+    model_dir = str(a.root / a.size)
+    rm_dir = str(a.root / f"{a.size}-rm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    timer = GenerationTimer(_count_generated)
+    transformers.GenerationMixin.generate = timer.wrap(transformers.GenerationMixin.generate)
+
+    times: list[float] = []
+    gen: list[tuple[float, int]] = []
+    losses: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            timer.take()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            times.append(now - self.t)
+            gen.append(timer.take())
+            self.t = now
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            for key in ("loss", "train_loss", "loss/policy_avg"):
+                if logs and key in logs and key != "train_loss":
+                    losses.append(float(logs[key]))
+                    break
+
+    common = dict(output_dir=str(a.out), max_steps=a.steps, learning_rate=LR,
+                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                  max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
+                  use_cpu=True, seed=0, data_seed=0, bf16=a.precision == "bf16",
+                  dataloader_num_workers=0, disable_tqdm=True, gradient_accumulation_steps=1)
+    rows = records(a.root, 64)
+    if w.name == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]}
+                                  for r in rows])
+        trainer = SFTTrainer(model=model_dir, processing_class=tokenizer, train_dataset=data,
+                             args=SFTConfig(per_device_train_batch_size=w.batch, max_length=SEQ,
+                                            **common), callbacks=[StepTimer()])
+    elif w.name in ("rm", "dpo"):
+        data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                  for r in rows])
+        if w.name == "rm":
+            from trl import RewardConfig, RewardTrainer
+
+            trainer = RewardTrainer(model=rm_dir, processing_class=tokenizer, train_dataset=data,
+                                    args=RewardConfig(per_device_train_batch_size=w.batch,
+                                                      max_length=SEQ, **common),
+                                    callbacks=[StepTimer()])
+        else:
+            from trl import DPOConfig, DPOTrainer
+
+            # a.steps steps over the first `batch` pairs: every step sees the same batch
+            data = data.select(range(w.batch))
+            trainer = DPOTrainer(model=model_dir, processing_class=tokenizer, train_dataset=data,
+                                 args=DPOConfig(per_device_train_batch_size=w.batch, beta=0.1,
+                                                loss_type="sigmoid", max_length=SEQ,
+                                                num_train_epochs=a.steps, **common),
+                                 callbacks=[StepTimer()])
+    elif w.name == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        data = Dataset.from_list([{"prompt": r["prompt"]} for r in rows])
+        cfg = GRPOConfig(per_device_train_batch_size=w.batch * w.samples,
+                         num_generations=w.samples, max_completion_length=NEW_TOKENS,
+                         beta=w.beta, temperature=1.0, top_p=1.0, num_iterations=1,
+                         loss_type="grpo", scale_rewards="group", log_completions=False,
+                         **common)
+        trainer = GRPOTrainer(model=model_dir, reward_funcs=[reward], args=cfg,
+                              train_dataset=data, processing_class=tokenizer,
+                              callbacks=[StepTimer()])
+    elif w.name == "ppo":
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+        data = Dataset.from_list([{"input_ids": tokenizer(r["prompt"]).input_ids}
+                                  for r in rows])
+        cfg = PPOConfig(per_device_train_batch_size=w.batch, num_mini_batches=1,
+                        num_ppo_epochs=1, response_length=NEW_TOKENS,
+                        total_episodes=w.batch * a.steps, local_rollout_forward_batch_size=w.batch,
+                        num_sample_generations=0, stop_token="eos", kl_coef=0.05,
+                        temperature=1.0, **common)
+        policy = AutoModelForCausalLM.from_pretrained(model_dir)
+        ref = AutoModelForCausalLM.from_pretrained(model_dir)
+        rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
+        value = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1)
+        trainer = PPOTrainer(args=cfg, processing_class=tokenizer, model=policy, ref_model=ref,
+                             reward_model=rm, value_model=value, train_dataset=data,
+                             callbacks=[StepTimer()])
+    else:
+        raise SystemExit(f"unknown workload {w.name}")
+    trainer.train()
+    emit({"lib": "trl", "version": __import__("trl").__version__,
+          **summarise(times, gen if w.generated_per_step else None, losses)})
+
+
+if __name__ == "__main__":
+    main()

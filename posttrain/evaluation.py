@@ -20,7 +20,7 @@ import torch
 
 from posttrain.data.collate import micro_batches_by_tokens, tokenize_prompts, tokenize_sft
 from posttrain.data.formats import Example
-from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+from posttrain.rollout.engine import LeanGenerateEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
 
 
@@ -34,8 +34,8 @@ class EvalSettings:
 
 
 def generate(model, tokenizer, prompts: Sequence[Example], settings: EvalSettings) -> Experience:
-    engine = HFGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
-                              decode=tokenizer.decode)
+    engine = LeanGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                decode=tokenizer.decode)
     pairs = tokenize_prompts(prompts, tokenizer)
     columns = sorted({k for _, ex in pairs for k in ex.extra})
     sampling = SamplingConfig(samples_per_prompt=settings.samples_per_prompt,

@@ -6,6 +6,7 @@ everything else. Another engine (vLLM, say) only has to implement the same two m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -185,7 +186,11 @@ class HFGenerateEngine:
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
         """Copy trained weights into the engine's model (a no-op when it is the policy)."""
-        params = dict(self.model.named_parameters())
+        _copy_weights(self.model, named_tensors)
+
+
+def _copy_weights(model: nn.Module, named_tensors: Iterable[tuple[str, Tensor]]) -> None:
+        params = dict(model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
                 target = params.get(name)
@@ -194,3 +199,111 @@ class HFGenerateEngine:
                 if target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor)
 
+
+
+def filter_logits(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Top-k then nucleus (top-p) filtering of (B, V) scores: removed entries become −inf.
+    Top-p keeps the smallest set of most likely tokens whose probability reaches `top_p`
+    (ties broken as `transformers` does, so both engines sample the same tokens)."""
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[:, -1] = False  # the most likely token always stays
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
+    return scores
+
+
+class LeanGenerateEngine(HFGenerateEngine):
+    """Sampling with a hand-run decode loop over the model's KV cache.
+
+    Against `model.generate` with the prompt repeated n times (`HFGenerateEngine`):
+    - each prompt is prefilled once and its cache copied to its n samples;
+    - only the last position's logits are computed in the prefill;
+    - rows that have finished (EOS) are dropped from the batch and its cache, so later
+      decode steps compute only the unfinished rows, and the loop stops when none is left;
+    - the log-probs of the sampled tokens come from the sampling logits at no extra cost.
+    Greedy decoding gives exactly `generate`'s tokens; sampling draws from the same
+    distribution (same temperature/top-k/top-p semantics). Same arguments as
+    `HFGenerateEngine`.
+    """
+
+    def _generate_chunk(self, prompt_ids: Sequence[Sequence[int]],
+                        sampling: SamplingConfig) -> Experience:
+        device = next(self.model.parameters()).device
+        n = sampling.samples_per_prompt
+        greedy = sampling.temperature == 0
+        temp = 1.0 if greedy else sampling.temperature
+        eos = torch.as_tensor([self.eos_id] if isinstance(self.eos_id, int) else
+                              list(self.eos_id), device=device)
+        prompt = pad(prompt_ids, self.pad_id, side="left").to(device)
+        prompt_att = pad([[1] * len(p) for p in prompt_ids], 0, side="left").bool().to(device)
+        pos = (prompt_att.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=prompt, attention_mask=prompt_att, position_ids=pos,
+                         use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        rows = prompt.shape[0] * n
+        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+        att = prompt_att.repeat_interleave(n, dim=0)
+        next_pos = pos[:, -1].repeat_interleave(n) + 1
+        active = torch.arange(rows, device=device)  # rows still generating, in cache order
+        tokens = torch.full((rows, sampling.max_new_tokens), self.pad_id, dtype=torch.long,
+                            device=device)
+        logps = torch.zeros(rows, sampling.max_new_tokens, device=device) \
+            if sampling.return_logprobs else None
+        for t in range(sampling.max_new_tokens):
+            scores = logits.float() / temp
+            if greedy:
+                tok = scores.argmax(-1)
+            else:
+                probs = filter_logits(scores, sampling.top_k, sampling.top_p).softmax(-1)
+                if len(active) < rows:
+                    # one draw per row of the full batch, finished rows included (a dummy
+                    # one-hot), so the random stream, and hence every sample, is the one
+                    # `generate` draws: the seed fixes the responses whichever engine runs
+                    full = torch.zeros(rows, probs.shape[1], dtype=probs.dtype,
+                                       device=device)
+                    full[:, 0] = 1.0
+                    full[active] = probs
+                    probs = full
+                tok = torch.multinomial(probs, 1)[:, 0]
+                if len(active) < rows:
+                    tok = tok[active]
+            tokens[active, t] = tok
+            if logps is not None:
+                logps[active, t] = scores.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+            done = torch.isin(tok, eos)
+            if t == sampling.max_new_tokens - 1:
+                break
+            if done.any():  # one host sync per token, as `generate`'s stopping check
+                keep = torch.nonzero(~done)[:, 0]
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                active, tok, att, next_pos = active[keep], tok[keep], att[keep], next_pos[keep]
+            att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
+            logits = self.model(input_ids=tok[:, None], attention_mask=att,
+                                position_ids=next_pos[:, None], past_key_values=cache,
+                                use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+        mask, truncated = response_mask_from_eos(tokens, self.eos_id)
+        tokens = torch.where(mask, tokens, torch.full_like(tokens, self.pad_id))
+        width = int(mask.sum(-1).max())  # trailing columns nobody used
+        tokens, mask = tokens[:, :width], mask[:, :width]
+        ids = prompt.repeat_interleave(n, dim=0)
+        attention = prompt_att.repeat_interleave(n, dim=0)
+        return Experience(
+            input_ids=torch.cat([ids, tokens], dim=1),
+            attention_mask=torch.cat([attention, mask], dim=1),
+            response_mask=mask,
+            group_ids=torch.zeros(rows, dtype=torch.long, device=device),
+            truncated=truncated,
+            old_logp=logps[:, :width] * mask if logps is not None else None,
+        )
+
+
+ENGINES = {"lean": LeanGenerateEngine, "hf": HFGenerateEngine}

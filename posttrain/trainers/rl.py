@@ -56,7 +56,7 @@ from posttrain.models.load import (
     save_model,
 )
 from posttrain.rewards.build import build_rewards, resolve_path
-from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig
+from posttrain.rollout.engine import ENGINES, SamplingConfig
 from posttrain.rollout.experience import Experience
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, lr_lambda
 from posttrain.trainers.common import DataConfig, ModelConfig, report_truncation
@@ -115,6 +115,11 @@ class AlgoConfig:
                                     "policy frozen, before RL (VC-PPO/VAPO).", 0)
     value_pretrain_patience: int = doc("Stop value pretraining when explained variance has not "
                                        "improved by 0.01 for this many steps.", 10)
+    recompute_old_logprobs: bool = doc(
+        "Recompute π_old log-probs with a no-grad pass even on-policy (one epoch, one "
+        "mini-batch). Off: the update's own forward gives them (ratio 1, as recomputing "
+        "would), and the sampling pass gives their values for the KL penalty and metrics.",
+        False)
     dynamic_sampling: bool = doc("DAPO: drop groups whose rewards are all equal and refill.",
                                  False)
     max_sampling_rounds: int = doc("Rollout rounds tried to fill a batch (dynamic sampling).", 4)
@@ -136,6 +141,11 @@ class AlgoConfig:
             raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data (text or SFT data)")
 
     @property
+    def on_policy(self) -> bool:
+        """One update per rollout batch: π_old is the policy being updated."""
+        return self.epochs == 1 and self.mini_batches == 1
+
+    @property
     def needs_critic(self) -> bool:
         return ADVANTAGE_ESTIMATORS.get(self.advantage).needs_values
 
@@ -148,6 +158,9 @@ class RolloutConfig:
     temperature: float = doc("Sampling temperature (also used for the log-probs).", 1.0)
     top_p: float = doc("Nucleus sampling (1: off).", 1.0)
     top_k: int = doc("Top-k sampling (0: off).", 0)
+    engine: Literal["lean", "hf"] = doc(
+        "lean: our KV-cache decode loop (one prefill per prompt, finished rows dropped, "
+        "log-probs from sampling); hf: transformers' generate with prompts repeated.", "lean")
     seed_per_prompt: bool = doc(
         "Sample each prompt's group with a seed of its own (slower: no batching across "
         "prompts), so responses do not depend on how prompts are split over ranks.", False)
@@ -221,8 +234,9 @@ class RLTrainer(Trainer):
                         if config.reward.gold else None)
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
-        self.engine = HFGenerateEngine(self.model, self.tokenizer.pad_token_id,
-                                       self.tokenizer.eos_token_id, decode=self.tokenizer.decode)
+        self.engine = ENGINES[config.rollout.engine](self.model, self.tokenizer.pad_token_id,
+                                                     self.tokenizer.eos_token_id,
+                                                     decode=self.tokenizer.decode)
         train = load_examples(config.data.train, "prompt", config.data.split, config.data.limit)
         held = load_examples(config.data.eval, "prompt", config.data.split) if config.data.eval \
             else []
@@ -347,7 +361,8 @@ class RLTrainer(Trainer):
         r = self.config.rollout
         sampling = SamplingConfig(samples_per_prompt=r.samples_per_prompt,
                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                                  top_p=r.top_p, top_k=r.top_k, seed=seed)
+                                  top_p=r.top_p, top_k=r.top_k, seed=seed,
+                                  return_logprobs=self.reuse_old_logprobs)
         columns = sorted({k for _, ex in prompts for k in ex.extra})
         meta = {k: [ex.extra.get(k) for _, ex in prompts] for k in columns}
         indices = list(indices) if indices is not None else list(range(len(prompts)))
@@ -407,16 +422,22 @@ class RLTrainer(Trainer):
         self.phase("score")
         return self.score(exp.to(self.device)), metrics
 
+    @property
+    def reuse_old_logprobs(self) -> bool:
+        return self.algo.on_policy and not self.algo.recompute_old_logprobs
+
     @torch.no_grad()
     def score(self, exp: Experience) -> Experience:
-        """One no-grad pass each: π_old log-probs, π_ref log-probs (if KL), values (if critic)."""
+        """One no-grad pass each: π_old log-probs (unless on-policy, where sampling gave
+        them), π_ref log-probs (if KL), values (if critic)."""
         t = self.config.rollout.temperature or 1.0
         old, ref, values = [], [], []
         self.model.eval()
         with self.autocast():
             for idx in self._micro_indices(exp):
                 ids, att = exp.input_ids[idx], exp.attention_mask[idx]
-                old.append(response_logprobs(self.model, ids, att, exp.response_len, t)[0])
+                if not self.reuse_old_logprobs:
+                    old.append(response_logprobs(self.model, ids, att, exp.response_len, t)[0])
                 if self.reference is not None:
                     ref.append(response_logprobs(self.reference, ids, att, exp.response_len,
                                                  t)[0])
@@ -427,7 +448,9 @@ class RLTrainer(Trainer):
         def cat(parts):
             return torch.cat(parts).float() * exp.response_mask if parts else None
 
-        return exp.replace(old_logp=cat(old), ref_logp=cat(ref), values=cat(values))
+        old_logp = exp.old_logp.float() * exp.response_mask if self.reuse_old_logprobs \
+            else cat(old)
+        return exp.replace(old_logp=old_logp, ref_logp=cat(ref), values=cat(values))
 
     def _micro_indices(self, exp: Experience) -> list[list[int]]:
         """Consecutive rows, as many as fit the token budget (all rows have the same width)."""
@@ -515,8 +538,10 @@ class RLTrainer(Trainer):
                 with self.autocast():
                     logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
                                                       mb.response_len, t, with_entropy=True)
+                # on-policy, π_old is this very forward pass (ratio 1, gradient A·∇log π)
+                old = logp.detach() if self.reuse_old_logprobs else mb.old_logp
                 loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
-                    logp, mb.old_logp, mb.advantages, m, clip_low=a.clip_low,
+                    logp, old, mb.advantages, m, clip_low=a.clip_low,
                     clip_high=a.clip_high, dual_clip=a.dual_clip)
                 if a.kl_placement == "loss":
                     loss_mat = loss_mat + self.kl_ctl.value * kl_estimate(

@@ -9,15 +9,23 @@ from torch.testing import assert_close
 from posttrain.errors import ConfigError, ShapeError
 from posttrain.models.forward import response_logprobs
 from posttrain.models.load import load_causal_lm
-from posttrain.rollout.engine import HFGenerateEngine, SamplingConfig, response_mask_from_eos
+from posttrain.rollout.engine import (
+    ENGINES,
+    HFGenerateEngine,
+    LeanGenerateEngine,
+    SamplingConfig,
+    filter_logits,
+    response_mask_from_eos,
+)
 from posttrain.rollout.experience import Experience
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir, tiny_tokenizer):
+@pytest.fixture(scope="module", params=sorted(ENGINES))
+def engine(request, tiny_model_dir, tiny_tokenizer):
+    """Every behaviour test runs on both engines: the lean decode loop and `generate`."""
     model = load_causal_lm(tiny_model_dir)
     tok = tiny_tokenizer
-    return HFGenerateEngine(model, tok.pad_token_id, tok.eos_token_id, decode=tok.decode)
+    return ENGINES[request.param](model, tok.pad_token_id, tok.eos_token_id, decode=tok.decode)
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +152,65 @@ def test_experience_select_split_concat():
     assert both.attention_mask[0].tolist() == [False, False] + [True] * 5
     with pytest.raises(ShapeError, match="scores has 2 rows"):
         exp.replace(scores=torch.zeros(2))
+
+
+# -- the lean engine against the plain path (transformers' generate, prompt repeated n times)
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir, tiny_tokenizer):
+    """Both engines on one model, with EOS = several common characters, so that rows finish
+    at different steps and the lean loop drops them from its batch mid-way."""
+    model = load_causal_lm(tiny_model_dir)
+    tok = tiny_tokenizer
+    eos = [tok.eos_token_id, *tok.convert_tokens_to_ids(list("0123456789"))]
+    return (LeanGenerateEngine(model, tok.pad_token_id, eos),
+            HFGenerateEngine(model, tok.pad_token_id, eos))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_lean_greedy_equals_generate(pair, prompts, tiny_tokenizer, n):
+    lean, hf = pair
+    # EOS also = the token greedy decoding of "abc" starts with: that row ends at once while
+    # the others run to the limit, so the lean loop drops a row from its batch and cache
+    extra = tiny_tokenizer("abc").input_ids
+    first = lean.model(input_ids=torch.tensor([extra])).logits[0, -1].argmax().item()
+    eos = [*lean.eos_id, first]
+    lean_, hf_ = (LeanGenerateEngine(lean.model, lean.pad_id, eos),
+                  HFGenerateEngine(hf.model, hf.pad_id, eos))
+    cfg = SamplingConfig(samples_per_prompt=n, max_new_tokens=12, temperature=0)
+    a, b = lean_.generate([*prompts, extra], cfg), hf_.generate([*prompts, extra], cfg)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert torch.equal(a.truncated, b.truncated)
+    lengths = a.response_mask.sum(-1)
+    assert int(lengths.min()) == 1 and int(lengths.max()) == 12  # rows ended at different steps
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (5, 1.0), (0, 0.7), (8, 0.9)])
+def test_lean_samples_the_same_tokens_as_generate(pair, prompts, top_k, top_p):
+    """Same seed, same filters: the same draws from the same distributions, token for token."""
+    lean, hf = pair
+    cfg = SamplingConfig(samples_per_prompt=4, max_new_tokens=10, temperature=0.8,
+                         top_k=top_k, top_p=top_p, seed=3, return_logprobs=True)
+    a, b = lean.generate(prompts, cfg), hf.generate(prompts, cfg)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert_close(a.old_logp, b.old_logp, atol=1e-5, rtol=0)
+
+
+def test_lean_logprobs_equal_a_fresh_forward(pair, prompts):
+    lean, _ = pair
+    exp = lean.generate(prompts, SamplingConfig(samples_per_prompt=3, max_new_tokens=10,
+                                                temperature=1.3, seed=0, return_logprobs=True))
+    fresh, _ = response_logprobs(lean.model, exp.input_ids, exp.attention_mask,
+                                 exp.response_len, temperature=1.3)
+    assert_close(exp.old_logp, fresh * exp.response_mask, atol=1e-5, rtol=0)
+
+
+def test_filter_logits_hand_computed():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert filter_logits(scores, top_k=2).isinf().tolist() == [[True, False, False, True]]
+    # softmax = [0.0871, 0.6439, 0.2369, 0.0321]: the top-0.7 nucleus is {3.0, 2.0}
+    assert filter_logits(scores, top_p=0.7).isinf().tolist() == [[True, False, False, True]]
+    # top-p of 0.5 still keeps the most likely token
+    assert filter_logits(scores, top_p=0.5).isinf().tolist() == [[True, False, True, True]]

@@ -142,6 +142,26 @@ def test_gradient_accumulation_does_not_change_the_update(arithmetic_task, tmp_p
         torch.testing.assert_close(g1[name], g4[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_bf16_autocast_gives_the_float32_loss_and_gradient_to_bf16_precision(arithmetic_task,
+                                                                              tmp_path):
+    """run.precision=bf16: forward passes in bfloat16, float32 weights and gradients; the loss
+    and the gradient direction agree with float32 to bfloat16's ~3 significant digits."""
+    trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, "bf16"))
+    items = trainer.batch_for_step(0)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        trainer.run = dataclasses.replace(trainer.run, precision=precision)
+        trainer.model.zero_grad(set_to_none=True)
+        loss, _ = trainer.accumulate_gradients(items)
+        grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+        assert loss.dtype == grad.dtype == torch.float32
+        results[precision] = (loss, grad)
+    (l32, g32), (l16, g16) = results["fp32"], results["bf16"]
+    assert not torch.equal(g32, g16)  # bf16 really ran
+    torch.testing.assert_close(l16, l32, rtol=1e-2, atol=0)
+    assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
 def test_non_finite_loss_stops_without_writing_nan_weights(arithmetic_task, tmp_path):
     trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, "nan", save_every=1))
     real = trainer.micro_loss

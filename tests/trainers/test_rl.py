@@ -155,6 +155,64 @@ def test_every_preset_runs_and_its_metrics_are_finite(preset, arithmetic_dir,
     assert len(positions) == 3 and len(positions[0]["mean_advantage"]) >= 1
 
 
+# ------------------------------------------------------- optimised paths equal the plain ones
+
+
+def _weights_close(a, b, atol):
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert_close(p, q, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["grpo", "ppo"])
+def test_on_policy_reuse_of_old_logprobs_equals_recomputing_them(preset, arithmetic_dir,
+                                                                 arithmetic_sft_model, tmp_path):
+    """One epoch, one mini-batch: taking π_old from the update's forward (and its values for
+    the KL from sampling) trains the same weights as a separate no-grad pass."""
+    over = {"run": {"steps": 3}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 4},
+            "algo": {"epochs": 1, "mini_batches": 1}}
+    runs = {}
+    for recompute in (False, True):
+        cfg = rl_config(arithmetic_dir, preset, tmp_path, **merge(over, {
+            "run": {"name": f"{preset}-{recompute}"},
+            "algo": {"recompute_old_logprobs": recompute}}))
+        trainer = RLTrainer(cfg)
+        assert trainer.reuse_old_logprobs is not recompute
+        trainer.train()
+        runs[recompute] = trainer
+    _weights_close(runs[False].model, runs[True].model, atol=1e-5)
+    if preset == "ppo":
+        _weights_close(runs[False].critic, runs[True].critic, atol=1e-4)
+    a, b = rows_of(runs[False].run_dir), rows_of(runs[True].run_dir)
+    for key in ("reward/mean", "kl/ref_seq", "loss/policy"):
+        assert_close(torch.tensor([r[key] for r in a if key in r]),
+                     torch.tensor([r[key] for r in b if key in r]), atol=1e-5, rtol=1e-4)
+
+
+def test_lean_engine_trains_as_generate_does(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    """The lean decode loop samples the same tokens as `generate`, so whole runs agree."""
+    over = {"run": {"steps": 2}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 4}}
+    runs = {}
+    for engine in ("lean", "hf"):
+        trainer = RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path, **merge(over, {
+            "run": {"name": engine}, "rollout": {"engine": engine}})))
+        trainer.train()
+        runs[engine] = trainer
+    _weights_close(runs["lean"].model, runs["hf"].model, atol=1e-5)
+    a, b = rows_of(runs["lean"].run_dir), rows_of(runs["hf"].run_dir)
+    assert [r.get("response/length") for r in a] == [r.get("response/length") for r in b]
+
+
+def test_bf16_autocast_runs_with_float32_weights(arithmetic_dir, arithmetic_sft_model,
+                                                tmp_path):
+    over = {"run": {"steps": 2, "precision": "bf16"}, "rollout": {"prompts_per_step": 4},
+            "eval": {"prompts": 4}}
+    trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **over))
+    trainer.train()
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    rows = rows_of(trainer.run_dir)
+    assert rows and all(math.isfinite(v) for r in rows for v in r.values())
+
+
 # --------------------------------------------------------------------------- resume
 
 

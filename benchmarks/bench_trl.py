@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from assets import digit_reward, records  # noqa: E402
-from workloads import LR, NEW_TOKENS, SEQ, WORKLOADS, GenerationTimer, emit, summarise  # noqa: E402
+from assets import digit_reward, records
+from workloads import LR, NEW_TOKENS, SEQ, WORKLOADS, GenerationTimer, emit, summarise
 
 
 def reward(prompts=None, completions=None, **_):

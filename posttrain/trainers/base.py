@@ -294,6 +294,18 @@ class Trainer:
         flag = torch.tensor([1.0 if requested else 0.0], device=self.device)
         return bool(self.dist.all_reduce_sum(flag).item() > 0)
 
+    def check_memory(self) -> None:
+        """Refuse, before the first step, a micro-batch budget the device cannot hold, and
+        say what fits (posttrain.models.memory). Sharded runs are not checked."""
+        if self.sharded:
+            return
+        from posttrain.models import memory
+
+        trained = [m for m in (self.model, getattr(self, "critic", None)) if m is not None]
+        frozen = [m for m in (getattr(self, "reference", None),) if isinstance(m, nn.Module)]
+        est = memory.estimate(trained, frozen, self.run.precision)
+        memory.check_fits(est, self.run.micro_batch_tokens, self.device)
+
     def autocast(self) -> torch.autocast:
         """The forward-pass context of `run.precision` (backward passes run outside it)."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -521,6 +533,7 @@ class Trainer:
             raise ConfigError(f"run.batch_size ({self.run.batch_size}) is global and must be at "
                               f"least the number of processes ({self.dist.world_size})")
         self.build_optimizer()
+        self.check_memory()
         if self.run.resume:
             ckpt = latest_checkpoint(self.run_dir / "checkpoints")
             if ckpt is None:

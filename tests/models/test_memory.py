@@ -58,7 +58,7 @@ def test_check_fits_says_what_fits(model):
     assert "run.micro_batch_tokens=4096" in msg and "--run.micro_batch_tokens 1000" in msg
     assert est.max_tokens(available) == 1000
     assert est.total(1001) > available
-    with pytest.raises(ConfigError, match="the models alone need.*lora_r"):
+    with pytest.raises(ConfigError, match=r"the models alone need.*lora_r"):
         memory.check_fits(est, 1, torch.device("cpu"), est.static // 2)
 
 
@@ -74,7 +74,7 @@ def test_trainer_refuses_before_the_first_step(arithmetic_task, tmp_path, monkey
         "eval": {"generate_samples": 0}})
     trainer = SFTTrainer(cfg)
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    with pytest.raises(ConfigError, match="at most [0-9]+ tokens per micro-batch fit"):
+    with pytest.raises(ConfigError, match=r"at most [0-9]+ tokens per micro-batch fit"):
         trainer.train()
     assert trainer.step == 0
     assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in start.items())

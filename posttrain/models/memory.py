@@ -141,4 +141,5 @@ def check_fits(est: MemoryEstimate, micro_batch_tokens: int, device: torch.devic
         f"run.micro_batch_tokens={micro_batch_tokens} needs about "
         f"{est.describe(micro_batch_tokens)} but {available / GiB:.2f} GiB is free on "
         f"{device}; at most {fits} tokens per micro-batch fit: set --run.micro_batch_tokens "
-        f"{fits} (gradients are accumulated, so the update does not change), or set POSTTRAIN_SKIP_MEMORY_CHECK=1 to try anyway")
+        f"{fits} (gradients are accumulated, so the update does not change), or set "
+        f"POSTTRAIN_SKIP_MEMORY_CHECK=1 to try anyway")

@@ -73,7 +73,8 @@ def config(a, w) -> tuple[type, type, dict]:
     cfg = {**base, "model": {"path": model_dir},
            "data": {"train": data, "eval_fraction": 0},
            "rollout": {"prompts_per_step": w.batch, "samples_per_prompt": w.samples,
-                       "max_new_tokens": NEW_TOKENS, "temperature": 1.0},
+                       "max_new_tokens": NEW_TOKENS, "temperature": 1.0,
+                       "compile": a.compile},
            "eval": {"prompts": 0, "samples_per_prompt": 0, "kl_to_reference": False,
                     "samples_logged": 0}}
     if w.name == "grpo":
@@ -98,6 +99,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--compile", action="store_true", help="RL: rollout.compile=true")
     a = ap.parse_args()
 
     import posttrain

@@ -289,8 +289,10 @@ def collate_pairs(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tens
 
 
 def micro_batches_by_tokens(lengths: Sequence[int], max_tokens: int,
-                            max_rows: int | None = None) -> list[list[int]]:
-    """Group indices into micro-batches whose padded size rows x longest <= `max_tokens`.
+                            max_rows: int | None = None, packed: bool = False
+                            ) -> list[list[int]]:
+    """Group indices into micro-batches whose padded size rows x longest <= `max_tokens`
+    (`packed`: whose total length <= `max_tokens`, for padding-free forward passes).
 
     Sequences are taken longest first (first-fit decreasing), which keeps padding small; each
     micro-batch lists its indices in ascending order. A sequence longer than `max_tokens` gets
@@ -302,16 +304,18 @@ def micro_batches_by_tokens(lengths: Sequence[int], max_tokens: int,
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for i in order:
         width = max(longest, lengths[i])
+        cost = total + lengths[i] if packed else (len(current) + 1) * width
         full = max_rows is not None and len(current) >= max_rows
-        if current and ((len(current) + 1) * width > max_tokens or full):
+        if current and (cost > max_tokens or full):
             batches.append(sorted(current))
-            current, longest = [], 0
+            current, longest, total = [], 0, 0
             width = lengths[i]
         current.append(i)
         longest = width
+        total += lengths[i]
     if current:
         batches.append(sorted(current))
     return batches

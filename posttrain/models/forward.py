@@ -20,6 +20,37 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return pos.clamp(min=0)
 
 
+def packed_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, first: int,
+                    temperature: float = 1.0, with_entropy: bool = False
+                    ) -> tuple[Tensor, Tensor | None]:
+    """log π of the tokens `input_ids[:, first:]`, computed padding-free.
+
+    The real tokens of every row (one contiguous run per row, padding on either side) are
+    packed into a single row whose position ids restart at 0 for each sequence, and no
+    attention mask is passed: `transformers` then attends within each sequence only (a
+    block-diagonal causal mask, or variable-length kernels on flash-attention), so no compute
+    goes to padding. Only the logits of positions that predict a scored token are computed.
+
+    Returns (B, L - first) log-probs (and entropy), 0 where a token is padding or has no
+    real predecessor; otherwise equal to the padded forward pass up to float rounding.
+    """
+    att = attention_mask.bool()
+    flat_ids = input_ids[att][None]
+    pos = position_ids(att)[att][None]
+    index = att.flatten().long().cumsum(0).view_as(att) - 1  # flat position of each token
+    scored = att[:, first:] & att[:, first - 1 : -1]  # real, with a real token before it
+    keep = index[:, first - 1 : -1][scored]  # the positions whose logits predict them
+    out = model(input_ids=flat_ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    labels = input_ids[:, first:][scored][None]
+    fn = token_logprobs_and_entropy if with_entropy else token_logprobs
+    result = fn(out.logits, labels, temperature)
+    logp, ent = result if with_entropy else (result, None)
+    grid = logp.new_zeros(scored.shape).masked_scatter(scored, logp[0])
+    if ent is not None:
+        ent = ent.new_zeros(scored.shape).masked_scatter(scored, ent[0])
+    return grid, ent
+
+
 def response_logprobs(
     model: nn.Module,
     input_ids: Tensor,
@@ -27,6 +58,7 @@ def response_logprobs(
     response_len: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    packed: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(a_t | s_t) of the last `response_len` tokens of every row, and their entropy.
 
@@ -38,7 +70,11 @@ def response_logprobs(
     Returns:
         (B, T) log-probs and (B, T) entropy (None unless `with_entropy`). Only the T logits
         that score response tokens are computed (`logits_to_keep`), never the prompt's.
+        `packed`: padding-free (`packed_logprobs`); padded response positions are 0.
     """
+    if packed:
+        return packed_logprobs(model, input_ids, attention_mask,
+                               input_ids.shape[1] - response_len, temperature, with_entropy)
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask), logits_to_keep=response_len + 1,
                 use_cache=False)
@@ -50,9 +86,12 @@ def response_logprobs(
 
 
 def sequence_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                      loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+                      loss_mask: Tensor, packed: bool = False) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of right-padded sequences: `(logp (B, L-1), mask (B, L-1))` where
-    `logp[:, i]` is log π(input_ids[:, i+1] | ...) and `mask = loss_mask[:, 1:]`."""
+    `logp[:, i]` is log π(input_ids[:, i+1] | ...) and `mask = loss_mask[:, 1:]`.
+    `packed`: padding-free (`packed_logprobs`)."""
+    if packed:
+        return packed_logprobs(model, input_ids, attention_mask, 1)[0], loss_mask[:, 1:]
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask), use_cache=False)
     logp = token_logprobs(out.logits[:, :-1], input_ids[:, 1:])

@@ -230,6 +230,19 @@ class LeanGenerateEngine(HFGenerateEngine):
     `HFGenerateEngine`.
     """
 
+    def __init__(self, model: nn.Module, pad_id: int, eos_id: int | Sequence[int],
+                 max_batch_prompts: int = 64, decode=None, compile: bool = False) -> None:
+        super().__init__(model, pad_id, eos_id, max_batch_prompts, decode)
+        self.compile = compile
+        self._compiled = None
+
+    def _decode_fn(self):
+        if not self.compile:
+            return self.model
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model, dynamic=False)
+        return self._compiled
+
     def _generate_chunk(self, prompt_ids: Sequence[Sequence[int]],
                         sampling: SamplingConfig) -> Experience:
         device = next(self.model.parameters()).device
@@ -241,16 +254,40 @@ class LeanGenerateEngine(HFGenerateEngine):
         prompt = pad(prompt_ids, self.pad_id, side="left").to(device)
         prompt_att = pad([[1] * len(p) for p in prompt_ids], 0, side="left").bool().to(device)
         pos = (prompt_att.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=prompt, attention_mask=prompt_att, position_ids=pos,
-                         use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if n > 1:
-            cache.batch_repeat_interleave(n)
         rows = prompt.shape[0] * n
-        logits = out.logits[:, -1].repeat_interleave(n, dim=0)
-        att = prompt_att.repeat_interleave(n, dim=0)
-        next_pos = pos[:, -1].repeat_interleave(n) + 1
+        static = self.compile
+        if static:
+            # Static shapes for the compiled decode step: a cache of a bucketed length, the
+            # prompt repeated before the prefill (a StaticCache cannot be expanded), a full
+            # length attention mask, and every row kept to the end.
+            from transformers import StaticCache
+
+            p_len = prompt.shape[1]
+            length = -(-(p_len + sampling.max_new_tokens) // 64) * 64
+            cache = StaticCache(config=self.model.config, max_cache_len=length)
+            prompt, prompt_att, pos = (x.repeat_interleave(n, dim=0)
+                                       for x in (prompt, prompt_att, pos))
+            full_att = torch.ones(rows, length, dtype=torch.long, device=device)
+            full_att[:, :p_len] = prompt_att.long()
+            out = self.model(input_ids=prompt, attention_mask=full_att[:, :p_len],
+                             position_ids=pos, past_key_values=cache, use_cache=True,
+                             cache_position=torch.arange(p_len, device=device),
+                             logits_to_keep=1)
+            logits = out.logits[:, -1]
+            n_prefilled = 1
+        else:
+            out = self.model(input_ids=prompt, attention_mask=prompt_att, position_ids=pos,
+                             use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+            logits = out.logits[:, -1].repeat_interleave(n, dim=0)
+            n_prefilled = n
+        att = prompt_att.repeat_interleave(n_prefilled, dim=0)
+        next_pos = pos[:, -1].repeat_interleave(n_prefilled) + 1
+        decode = self._decode_fn()
         active = torch.arange(rows, device=device)  # rows still generating, in cache order
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)  # static path only
         tokens = torch.full((rows, sampling.max_new_tokens), self.pad_id, dtype=torch.long,
                             device=device)
         logps = torch.zeros(rows, sampling.max_new_tokens, device=device) \
@@ -279,6 +316,16 @@ class LeanGenerateEngine(HFGenerateEngine):
             done = torch.isin(tok, eos)
             if t == sampling.max_new_tokens - 1:
                 break
+            if static:
+                finished |= done
+                if finished.all():  # one host sync per token, as `generate`'s check
+                    break
+                logits = decode(input_ids=tok[:, None], attention_mask=full_att,
+                                position_ids=next_pos[:, None], past_key_values=cache,
+                                use_cache=True, cache_position=torch.tensor(
+                                    [prompt.shape[1] + t], device=device)).logits[:, -1]
+                next_pos = next_pos + 1
+                continue
             if done.any():  # one host sync per token, as `generate`'s stopping check
                 keep = torch.nonzero(~done)[:, 0]
                 if keep.numel() == 0:
@@ -286,16 +333,16 @@ class LeanGenerateEngine(HFGenerateEngine):
                 cache.batch_select_indices(keep)
                 active, tok, att, next_pos = active[keep], tok[keep], att[keep], next_pos[keep]
             att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
-            logits = self.model(input_ids=tok[:, None], attention_mask=att,
-                                position_ids=next_pos[:, None], past_key_values=cache,
-                                use_cache=True).logits[:, -1]
+            logits = decode(input_ids=tok[:, None], attention_mask=att,
+                            position_ids=next_pos[:, None], past_key_values=cache,
+                            use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         mask, truncated = response_mask_from_eos(tokens, self.eos_id)
         tokens = torch.where(mask, tokens, torch.full_like(tokens, self.pad_id))
         width = int(mask.sum(-1).max())  # trailing columns nobody used
         tokens, mask = tokens[:, :width], mask[:, :width]
-        ids = prompt.repeat_interleave(n, dim=0)
-        attention = prompt_att.repeat_interleave(n, dim=0)
+        ids = prompt.repeat_interleave(n_prefilled, dim=0)
+        attention = prompt_att.repeat_interleave(n_prefilled, dim=0)
         return Experience(
             input_ids=torch.cat([ids, tokens], dim=1),
             attention_mask=torch.cat([attention, mask], dim=1),

@@ -92,6 +92,11 @@ class RunConfig:
     progress: Literal["auto", "rich", "plain", "none"] = doc(
         "Progress display: a bar on a terminal (auto), plain lines, or nothing.", "auto")
     resume: bool = doc("Continue from the newest complete checkpoint of this run.", False)
+    padding_free: bool = doc(
+        "Pack each micro-batch's sequences into one row (position ids restart per sequence, "
+        "no attention mask): no compute on padding, and micro_batch_tokens counts real "
+        "tokens. Needs a model whose transformers code supports packed position ids "
+        "(Llama, Qwen, Mistral, Gemma, ...).", False)
     precision: Literal["fp32", "bf16"] = doc(
         "fp32, or bf16 mixed precision: forward passes under bfloat16 autocast; weights, "
         "gradients, optimiser state and log-softmax stay float32.", "fp32")
@@ -355,7 +360,9 @@ class Trainer:
         """`items` grouped by the token budget (default: run.micro_batch_tokens)."""
         lengths = [self.item_length(it) for it in items]
         budget = budget or self.run.micro_batch_tokens
-        return [[items[i] for i in idx] for idx in micro_batches_by_tokens(lengths, budget)]
+        return [[items[i] for i in idx]
+                for idx in micro_batches_by_tokens(lengths, budget,
+                                                   packed=self.run.padding_free)]
 
     def prepare_parallel(self) -> None:
         """Wrap the trained model for data parallelism (DDP or FSDP2) under torchrun; training

@@ -117,7 +117,8 @@ class DPOTrainer(Trainer):
         b = collate_pairs(pairs, self.tokenizer.pad_token_id)
         logp, mask = sequence_logprobs(model, b["input_ids"].to(self.device),
                                        b["attention_mask"].to(self.device),
-                                       b["loss_mask"].to(self.device))
+                                       b["loss_mask"].to(self.device),
+                                       packed=self.run.padding_free)
         return masked_sum(logp, mask, dim=1), mask.sum(1), logp
 
     @torch.no_grad()

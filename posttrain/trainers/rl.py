@@ -161,9 +161,17 @@ class RolloutConfig:
     engine: Literal["lean", "hf"] = doc(
         "lean: our KV-cache decode loop (one prefill per prompt, finished rows dropped, "
         "log-probs from sampling); hf: transformers' generate with prompts repeated.", "lean")
+    compile: bool = doc(
+        "Lean engine: decode with a static KV cache and a torch.compile'd forward (faster "
+        "per token once compiled; the first rollout pays the compilation, and finished rows "
+        "are not dropped).", False)
     seed_per_prompt: bool = doc(
         "Sample each prompt's group with a seed of its own (slower: no batching across "
         "prompts), so responses do not depend on how prompts are split over ranks.", False)
+
+    def __post_init__(self) -> None:
+        if self.compile and self.engine != "lean":
+            raise ConfigError("rollout.compile needs rollout.engine=lean")
 
 
 @dataclass(frozen=True)
@@ -234,9 +242,10 @@ class RLTrainer(Trainer):
                         if config.reward.gold else None)
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
-        self.engine = ENGINES[config.rollout.engine](self.model, self.tokenizer.pad_token_id,
-                                                     self.tokenizer.eos_token_id,
-                                                     decode=self.tokenizer.decode)
+        r = config.rollout
+        self.engine = ENGINES[r.engine](self.model, self.tokenizer.pad_token_id,
+                                        self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
+                                        **({"compile": True} if r.compile else {}))
         train = load_examples(config.data.train, "prompt", config.data.split, config.data.limit)
         held = load_examples(config.data.eval, "prompt", config.data.split) if config.data.eval \
             else []
@@ -432,15 +441,17 @@ class RLTrainer(Trainer):
         them), π_ref log-probs (if KL), values (if critic)."""
         t = self.config.rollout.temperature or 1.0
         old, ref, values = [], [], []
+        packed = self.run.padding_free
         self.model.eval()
         with self.autocast():
             for idx in self._micro_indices(exp):
                 ids, att = exp.input_ids[idx], exp.attention_mask[idx]
                 if not self.reuse_old_logprobs:
-                    old.append(response_logprobs(self.model, ids, att, exp.response_len, t)[0])
+                    old.append(response_logprobs(self.model, ids, att, exp.response_len, t,
+                                                 packed=packed)[0])
                 if self.reference is not None:
                     ref.append(response_logprobs(self.reference, ids, att, exp.response_len,
-                                                 t)[0])
+                                                 t, packed=packed)[0])
                 if self.critic is not None:
                     values.append(response_values(self.critic, ids, att, exp.response_len))
         self.model.train()
@@ -537,7 +548,8 @@ class RLTrainer(Trainer):
             with distributed.no_sync(self.fwd, j < policy_jobs - 1):
                 with self.autocast():
                     logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
-                                                      mb.response_len, t, with_entropy=True)
+                                                      mb.response_len, t, with_entropy=True,
+                                                      packed=self.run.padding_free)
                 # on-policy, π_old is this very forward pass (ratio 1, gradient A·∇log π)
                 old = logp.detach() if self.reuse_old_logprobs else mb.old_logp
                 loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
@@ -614,7 +626,8 @@ class RLTrainer(Trainer):
             with distributed.no_sync(self.fwd, done + j < jobs - 1):
                 with self.autocast():
                     logp, mask = sequence_logprobs(self.fwd, b["input_ids"],
-                                                   b["attention_mask"], b["loss_mask"])
+                                                   b["attention_mask"], b["loss_mask"],
+                                                   packed=self.run.padding_free)
                 loss = self.algo.ptx_coef * masked_sum(-logp, mask) / n_tokens
                 (loss * scale).backward()
             out += loss.detach()

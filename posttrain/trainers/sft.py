@@ -73,7 +73,7 @@ class SFTTrainer(Trainer):
     def micro_loss(self, items, totals):
         b = self._batch(items)
         logp, mask = sequence_logprobs(self.fwd or self.model, b["input_ids"], b["attention_mask"],
-                                       b["loss_mask"])
+                                       b["loss_mask"], packed=self.run.padding_free)
         loss = aggregate_loss(-logp, mask, "token-mean", num_tokens=max(totals["tokens"], 1))
         return loss, {"tokens": mask.sum().float()}
 

@@ -162,6 +162,17 @@ def test_bf16_autocast_gives_the_float32_loss_and_gradient_to_bf16_precision(ari
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
 
 
+def test_padding_free_training_equals_padded_training(arithmetic_task, tmp_path):
+    """run.padding_free packs each micro-batch into one row: same updates, fewer tokens."""
+    runs = {}
+    for packed in (False, True):
+        trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, f"packed-{packed}", steps=3,
+                                        padding_free=packed, micro_batch_tokens=64))
+        trainer.train()
+        runs[packed] = weights(trainer.model)
+    assert_same_weights(runs[True], runs[False], atol=2e-5)
+
+
 def test_non_finite_loss_stops_without_writing_nan_weights(arithmetic_task, tmp_path):
     trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, "nan", save_every=1))
     real = trainer.micro_loss

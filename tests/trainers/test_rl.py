@@ -202,6 +202,19 @@ def test_lean_engine_trains_as_generate_does(arithmetic_dir, arithmetic_sft_mode
     assert [r.get("response/length") for r in a] == [r.get("response/length") for r in b]
 
 
+def test_padding_free_rl_equals_padded(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    over = {"run": {"steps": 2}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 4},
+            "algo": {"epochs": 2, "mini_batches": 2}}
+    runs = {}
+    for packed in (False, True):
+        trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **merge(over, {
+            "run": {"name": f"packed-{packed}", "padding_free": packed}})))
+        trainer.train()
+        runs[packed] = trainer
+    _weights_close(runs[True].model, runs[False].model, atol=2e-5)
+    _weights_close(runs[True].critic, runs[False].critic, atol=1e-4)
+
+
 def test_bf16_autocast_runs_with_float32_weights(arithmetic_dir, arithmetic_sft_model,
                                                 tmp_path):
     over = {"run": {"steps": 2, "precision": "bf16"}, "rollout": {"prompts_per_step": 4},

@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--compile", action="store_true", help="RL: rollout.compile=true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. algo.recompute_old_logprobs=true (ablations)")
     a = ap.parse_args()
 
     import posttrain
@@ -107,6 +109,9 @@ def main() -> None:
 
     w = WORKLOADS[a.workload]
     trainer_cls, config_cls, overrides = config(a, w)
+    from posttrain.config import merge, parse_overrides
+
+    overrides = merge(overrides, parse_overrides([f"--{kv}" for kv in a.set]))
     cfg = load_config(config_cls, overrides=overrides)
     trainer = trainer_cls(cfg)
 

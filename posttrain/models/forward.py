@@ -20,30 +20,69 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return pos.clamp(min=0)
 
 
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: the sequences (by index) that share each packed row of `width`."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(width - lengths[i])
+    return rows
+
+
 def packed_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, first: int,
                     temperature: float = 1.0, with_entropy: bool = False
                     ) -> tuple[Tensor, Tensor | None]:
     """log π of the tokens `input_ids[:, first:]`, computed padding-free.
 
-    The real tokens of every row (one contiguous run per row, padding on either side) are
-    packed into a single row whose position ids restart at 0 for each sequence, and no
-    attention mask is passed: `transformers` then attends within each sequence only (a
-    block-diagonal causal mask, or variable-length kernels on flash-attention), so no compute
-    goes to padding. Only the logits of positions that predict a scored token are computed.
+    The real tokens of each row (one contiguous run per row, padding on either side) are
+    packed, first-fit decreasing, into rows as wide as the longest sequence; position ids
+    restart at 0 for each sequence and no attention mask is passed, so `transformers` attends
+    within each sequence only (a block-diagonal causal mask per row, or variable-length
+    kernels with flash-attention). Padding is left only at the ends of packed rows, which
+    are fewer than the input's. Logits are computed only at the columns that predict a
+    scored token.
 
     Returns (B, L - first) log-probs (and entropy), 0 where a token is padding or has no
     real predecessor; otherwise equal to the padded forward pass up to float rounding.
     """
     att = attention_mask.bool()
-    flat_ids = input_ids[att][None]
-    pos = position_ids(att)[att][None]
-    index = att.flatten().long().cumsum(0).view_as(att) - 1  # flat position of each token
-    scored = att[:, first:] & att[:, first - 1 : -1]  # real, with a real token before it
-    keep = index[:, first - 1 : -1][scored]  # the positions whose logits predict them
-    out = model(input_ids=flat_ids, position_ids=pos, logits_to_keep=keep, use_cache=False)
+    b, length = att.shape
+    lengths = att.sum(-1).tolist()
+    starts = att.long().argmax(-1).tolist()  # first real token of each row
+    width = max(lengths)
+    groups = pack_rows(lengths, width)
+    device = input_ids.device
+    ids = torch.zeros(len(groups), width, dtype=input_ids.dtype, device=device)
+    pos = torch.zeros(len(groups), width, dtype=torch.long, device=device)
+    row_of, offset_of = [0] * b, [0] * b
+    for r, members in enumerate(groups):
+        o = 0
+        for i in members:
+            n = lengths[i]
+            ids[r, o : o + n] = input_ids[i, starts[i] : starts[i] + n]
+            pos[r, o : o + n] = torch.arange(n, device=device)
+            row_of[i], offset_of[i] = r, o
+            o += n
+    # scored grid tokens (b, j), j >= first: real, with a real token before it
+    scored = att[:, first:] & att[:, first - 1 : -1]
+    grid_b, grid_j = torch.nonzero(scored, as_tuple=True)
+    j = grid_j + first - 1  # the predicting token's column in the input grid
+    src = torch.as_tensor(offset_of, device=device)[grid_b] + j - \
+        torch.as_tensor(starts, device=device)[grid_b]
+    src_row = torch.as_tensor(row_of, device=device)[grid_b]
+    columns, col_index = torch.unique(src, sorted=True, return_inverse=True)
+    out = model(input_ids=ids, position_ids=pos, logits_to_keep=columns, use_cache=False)
+    logits = out.logits[src_row, col_index][None]  # (1, K, V)
     labels = input_ids[:, first:][scored][None]
     fn = token_logprobs_and_entropy if with_entropy else token_logprobs
-    result = fn(out.logits, labels, temperature)
+    result = fn(logits, labels, temperature)
     logp, ent = result if with_entropy else (result, None)
     grid = logp.new_zeros(scored.shape).masked_scatter(scored, logp[0])
     if ent is not None:

@@ -68,3 +68,11 @@ def test_packed_budget_counts_real_tokens():
     assert micro_batches_by_tokens(lengths, 16) == [[0], [1, 2, 3, 4]]
     # padding-free: a micro-batch costs the sum of its lengths
     assert micro_batches_by_tokens(lengths, 16, packed=True) == [[0, 1, 2, 3], [4]]
+
+
+def test_pack_rows_first_fit_decreasing():
+    from posttrain.models.forward import pack_rows
+
+    # width 14: 14 alone; 9 opens a row (5 left); 6 does not fit there, opens one; 3 joins 9
+    assert pack_rows([9, 3, 14, 6], 14) == [[2], [0, 1], [3]]
+    assert pack_rows([4, 4, 4, 4], 8) == [[0, 1], [2, 3]]

@@ -120,7 +120,8 @@ def main() -> None:
     a = ap.parse_args()
     root = a.work / "assets"
     assets.build(root)
-    lines = ["| optimisation | workload | plain s | optimised s | speed-up |", "|---|---|---|---|---|"]
+    lines = ["| optimisation | workload | plain s | optimised s | speed-up |",
+             "|---|---|---|---|---|"]
     for workload, label, sets in STEP_ABLATIONS:
         plain = step_time(root, a.work, workload, sets)
         fast = step_time(root, a.work, workload, [])

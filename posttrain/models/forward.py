@@ -53,7 +53,7 @@ def packed_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     real predecessor; otherwise equal to the padded forward pass up to float rounding.
     """
     att = attention_mask.bool()
-    b, length = att.shape
+    b = att.shape[0]
     lengths = att.sum(-1).tolist()
     starts = att.long().argmax(-1).tolist()  # first real token of each row
     width = max(lengths)

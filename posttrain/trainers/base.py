@@ -174,9 +174,19 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _to_float(x: Tensor) -> float:
-    """A scalar that may be an FSDP2 DTensor."""
-    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+def _local(x: Tensor) -> Tensor:
+    """A scalar that may be an FSDP2 DTensor, as a plain tensor."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def to_floats(values: dict[str, Tensor | float]) -> dict[str, float]:
+    """Scalar tensors to Python floats in one device-to-host copy (one sync, not one each)."""
+    keys = [k for k, v in values.items() if isinstance(v, Tensor)]
+    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
+    if keys:
+        stacked = torch.stack([_local(values[k]).detach().float().reshape(()) for k in keys])
+        out.update(zip(keys, stacked.tolist(), strict=True))
+    return out
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
@@ -408,7 +418,11 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.optim_cfg.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss_value, norm_value = float(total_loss), _to_float(grad_norm)
+        # the step's one host sync: the finiteness check needs the values, and every metric
+        # comes along in the same copy
+        values = to_floats({"loss": total_loss, "norm": grad_norm, **{f"m:{k}": v
+                                                                     for k, v in sums.items()}})
+        loss_value, norm_value = values["loss"], values["norm"]
         lr = self.scheduler.get_last_lr()[0]
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -429,7 +443,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         out = {"train/loss": loss_value, "train/grad_norm": norm_value, "train/lr": lr}
-        out.update({f"train/{k}" if "/" not in k else k: float(v) for k, v in sums.items()})
+        out.update({f"train/{k}" if "/" not in k else k: values[f"m:{k}"] for k in sums})
         return out
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor] | None:

@@ -58,7 +58,7 @@ from posttrain.models.load import (
 from posttrain.rewards.build import build_rewards, resolve_path
 from posttrain.rollout.engine import ENGINES, SamplingConfig
 from posttrain.rollout.experience import Experience
-from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, lr_lambda
+from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, lr_lambda, to_floats
 from posttrain.trainers.common import DataConfig, ModelConfig, report_truncation
 
 Metrics = dict[str, float]
@@ -592,7 +592,7 @@ class RLTrainer(Trainer):
             self._join_allreduce(self.fwd)
         if dist.enabled and self.critic is not None and not micros:
             self._join_allreduce(self.critic_fwd)
-        out = {k: float(v) for k, v in dist.all_reduce_sum_dict(sums).items()}
+        out = to_floats(dist.all_reduce_sum_dict(sums))
         out["train/grad_norm"] = self._step_optimizer(self.optimizer, self.model)
         if self.critic is not None:
             out["value/grad_norm"] = self._step_optimizer(self.critic_optimizer, self.critic)

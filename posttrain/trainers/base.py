@@ -317,7 +317,9 @@ class Trainer:
         from posttrain.models import memory
 
         trained = [m for m in (self.model, getattr(self, "critic", None)) if m is not None]
-        frozen = [m for m in (getattr(self, "reference", None),) if isinstance(m, nn.Module)]
+        engine = getattr(getattr(self, "engine", None), "model", None)
+        frozen = [m for m in (getattr(self, "reference", None), engine)
+                  if isinstance(m, nn.Module)]
         est = memory.estimate(trained, frozen, self.run.precision)
         memory.check_fits(est, self.run.micro_batch_tokens, self.device)
 

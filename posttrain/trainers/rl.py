@@ -8,6 +8,7 @@ Every formula lives in `posttrain.algos`; this file only wires the phases togeth
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Sequence
@@ -243,7 +244,12 @@ class RLTrainer(Trainer):
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
         r = config.rollout
-        self.engine = ENGINES[r.engine](self.model, self.tokenizer.pad_token_id,
+        rollout_model = self.model
+        if self.run.precision == "bf16" and r.engine == "lean":
+            # bf16 weights of its own for sampling (synced before each rollout), rather than
+            # autocast re-casting every fp32 weight at every decode step
+            rollout_model = copy.deepcopy(self.model).to(torch.bfloat16).requires_grad_(False)
+        self.engine = ENGINES[r.engine](rollout_model, self.tokenizer.pad_token_id,
                                         self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
                                         **({"compile": True} if r.compile else {}))
         train = load_examples(config.data.train, "prompt", config.data.split, config.data.limit)
@@ -376,6 +382,7 @@ class RLTrainer(Trainer):
         meta = {k: [ex.extra.get(k) for _, ex in prompts] for k in columns}
         indices = list(indices) if indices is not None else list(range(len(prompts)))
         seeds = [(seed * 7919 + i) % (2**31) for i in indices] if r.seed_per_prompt else None
+        self.sync_engine()
         with self.autocast():
             exp = self.engine.generate([ids for ids, _ in prompts], sampling,
                                        prompts=[ex.prompt for _, ex in prompts], meta=meta,
@@ -765,7 +772,13 @@ class RLTrainer(Trainer):
             out.update(self._eval_with(sampling, "_sampled"))
         return out
 
+    def sync_engine(self) -> None:
+        """The rollout engine samples from the current policy weights."""
+        if self.engine.model is not self.model:
+            self.engine.update_weights(self.model.named_parameters())
+
     def _eval_with(self, sampling: SamplingConfig, suffix: str) -> Metrics:
+        self.sync_engine()
         exp = self.engine.generate([ids for ids, _ in self.eval_items], sampling,
                                    prompts=[ex.prompt for _, ex in self.eval_items],
                                    meta=_columns([ex for _, ex in self.eval_items]))

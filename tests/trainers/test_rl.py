@@ -220,7 +220,19 @@ def test_bf16_autocast_runs_with_float32_weights(arithmetic_dir, arithmetic_sft_
     over = {"run": {"steps": 2, "precision": "bf16"}, "rollout": {"prompts_per_step": 4},
             "eval": {"prompts": 4}}
     trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **over))
+    generate, calls = trainer.engine.generate, []
+
+    def checked(*args, **kwargs):
+        # the lean engine samples from bf16 weights of its own, synced from the policy
+        for (name, p), (_, q) in zip(trainer.model.named_parameters(),
+                                     trainer.engine.model.named_parameters(), strict=True):
+            assert q.dtype == torch.bfloat16 and torch.equal(q, p.to(torch.bfloat16)), name
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    trainer.engine.generate = checked
     trainer.train()
+    assert len(calls) >= 3  # two rollouts and the final evaluation
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     rows = rows_of(trainer.run_dir)
     assert rows and all(math.isfinite(v) for r in rows for v in r.values())

@@ -67,6 +67,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def loss_curves(rows: list[dict]) -> str:
+    """Learning, not just speed: DPO losses step by step, posttrain against TRL (identical
+    weights, data and order; the first loss is ln 2)."""
+    lines = ["| DPO loss curve | steps | first loss pt / TRL | last loss pt / TRL | "
+             "max abs difference |", "|---|---|---|---|---|"]
+    for r in rows:
+        pt, trl = r["posttrain"].get("losses"), (r.get("trl") or {}).get("losses")
+        if r["workload"] != "dpo" or not pt or not trl:
+            continue
+        n = min(len(pt), len(trl))
+        diff = max(abs(a - b) for a, b in zip(pt[:n], trl[:n], strict=True))
+        lines.append(f"| {r['size']} {r['precision']} | {n} | {pt[0]:.6f} / {trl[0]:.6f} | "
+                     f"{pt[n - 1]:.6f} / {trl[n - 1]:.6f} | {diff:.2e} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -119,7 +135,7 @@ def main() -> None:
                           f"{fmt(r.get('median_s'), '.4f', r.get('error', ''))}", flush=True)
                 rows.append({"workload": name, "size": size, "precision": prec,
                              "n_params": n, "gflop_per_step": w.flops(n) / 1e9, **res})
-    text = table(rows)
+    text = table(rows) + "\n\n" + loss_curves(rows)
     print(text)
     date = datetime.date.today().isoformat()
     a.results.mkdir(parents=True, exist_ok=True)

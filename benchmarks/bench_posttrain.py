@@ -9,7 +9,6 @@ its `on_step_end` callbacks.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,7 +19,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from assets import digit_reward, records
-from workloads import LR, NEW_TOKENS, WORKLOADS, GenerationTimer, emit, summarise
+from workloads import (
+    LR,
+    NEW_TOKENS,
+    WORKLOADS,
+    GenerationTimer,
+    emit,
+    summarise,
+    worker_args,
+)
 
 
 def reward(prompts, completions, **_):
@@ -73,8 +80,7 @@ def config(a, w) -> tuple[type, type, dict]:
     cfg = {**base, "model": {"path": model_dir},
            "data": {"train": data, "eval_fraction": 0},
            "rollout": {"prompts_per_step": w.batch, "samples_per_prompt": w.samples,
-                       "max_new_tokens": NEW_TOKENS, "temperature": 1.0,
-                       "compile": a.compile},
+                       "max_new_tokens": NEW_TOKENS, "temperature": 1.0},
            "eval": {"prompts": 0, "samples_per_prompt": 0, "kl_to_reference": False,
                     "samples_logged": 0}}
     if w.name == "grpo":
@@ -92,14 +98,7 @@ def config(a, w) -> tuple[type, type, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--root", type=Path, required=True)
-    ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--compile", action="store_true", help="RL: rollout.compile=true")
+    ap = worker_args()
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. algo.recompute_old_logprobs=true (ablations)")
     a = ap.parse_args()

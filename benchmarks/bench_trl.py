@@ -8,7 +8,6 @@ Prints one `BENCH_RESULT {json}` line. Step times are the intervals between TRL'
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,7 +17,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from assets import digit_reward, records
-from workloads import LR, NEW_TOKENS, SEQ, WORKLOADS, GenerationTimer, emit, summarise
+from workloads import (
+    LR,
+    NEW_TOKENS,
+    SEQ,
+    WORKLOADS,
+    GenerationTimer,
+    emit,
+    summarise,
+    worker_args,
+)
 
 
 def reward(prompts=None, completions=None, **_):
@@ -32,14 +40,7 @@ def _count_generated(out, args, kwargs) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--root", type=Path, required=True)
-    ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
-    ap.add_argument("--size", default="small")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--steps", type=int, default=15)
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
+    a = worker_args().parse_args()
 
     import torch
     import transformers

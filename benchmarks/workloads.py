@@ -65,6 +65,21 @@ LR = 1e-5
 WARMUP = 5
 
 
+def worker_args():
+    """The arguments both workers take (their own extras are added by the caller)."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", type=Path, required=True)
+    ap.add_argument("--workload", required=True, choices=sorted(WORKLOADS))
+    ap.add_argument("--size", default="small")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--out", type=Path, required=True)
+    return ap
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 

@@ -48,7 +48,8 @@ def config(a, w) -> tuple[type, type, dict]:
                   "max_grad_norm": 1.0},
         "run": {"output_dir": str(a.out), "name": w.name, "steps": a.steps, "batch_size": w.batch,
                 "eval_every": 0, "save_every": 0, "log_every": 1, "tensorboard": False,
-                "progress": "none", "device": "cpu", "seed": 0, "precision": a.precision},
+                "progress": "none", "device": "cpu", "seed": 0, "precision": a.precision,
+                "gradient_checkpointing": a.checkpointing == "on"},
     }
     if w.name == "sft":
         from posttrain.trainers.sft import SFTConfig, SFTTrainer

@@ -80,7 +80,8 @@ def main() -> None:
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                   max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
                   use_cpu=True, seed=0, data_seed=0, bf16=a.precision == "bf16",
-                  dataloader_num_workers=0, disable_tqdm=True, gradient_accumulation_steps=1)
+                  dataloader_num_workers=0, disable_tqdm=True, gradient_accumulation_steps=1,
+                  gradient_checkpointing=a.checkpointing == "on")
     rows = records(a.root, 64)
     if w.name == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -143,7 +144,11 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown workload {w.name}")
     trainer.train()
+    # what TRL really did (TRL 1.12's PPO trainer, say, accepts the flag but never applies it)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = getattr(model, "policy", model)
     emit({"lib": "trl", "version": __import__("trl").__version__,
+          "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
           **summarise(times, gen if w.generated_per_step else None, losses)})
 
 

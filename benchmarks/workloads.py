@@ -77,6 +77,8 @@ def worker_args():
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--checkpointing", default="off", choices=["off", "on"],
+                    help="gradient (activation) checkpointing of the trained models")
     return ap
 
 

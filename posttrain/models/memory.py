@@ -9,12 +9,14 @@ models (reference, reward model) with P_f, and micro-batches of m tokens:
     activations  = m · Σ_trained L · h · 34 · a/2   (Korthikanti et al. 2022, per token per
                    layer, a = bytes of the activation dtype; the s×s attention scores are
                    not counted: SDPA kernels do not keep them)
+                   with gradient checkpointing: m · Σ (L · h · a + h · 34 · a/2), every
+                   layer's input kept and one layer's activations rebuilt at a time
                  + m · V · a                     (the logits, kept for the backward)
                  + m · V · 4 · 2                 (one float32 log-softmax chunk and its grad,
                                                   at most, see algos.logprobs)
 
 It is an estimate of the peak, not an accounting of the allocator: it errs on the high side
-(no activation checkpointing, no fused kernels), and it is used to refuse a configuration that
+(no fused kernels), and it is used to refuse a configuration that
 cannot fit and to say what would, never to size anything silently.
 """
 
@@ -63,7 +65,8 @@ def _bytes(p: torch.Tensor) -> int:
     return p.numel() * p.element_size()
 
 
-def activation_bytes_per_token(model: nn.Module, activation_bytes: int) -> float:
+def activation_bytes_per_token(model: nn.Module, activation_bytes: int,
+                               checkpointing: bool = False) -> float:
     """Activation bytes kept for the backward, per token of a micro-batch."""
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", None)
@@ -73,13 +76,15 @@ def activation_bytes_per_token(model: nn.Module, activation_bytes: int) -> float
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     vocab = getattr(cfg, "vocab_size", 0) if out is not None else 1
     per_layer = 34 * hidden * activation_bytes / 2
-    return layers * per_layer + vocab * activation_bytes + vocab * 4 * 2
+    layers_total = (layers * hidden * activation_bytes + per_layer if checkpointing
+                    else layers * per_layer)
+    return layers_total + vocab * activation_bytes + vocab * 4 * 2
 
 
 def estimate(trained: list[nn.Module], frozen: list[nn.Module] = (),
-             precision: str = "fp32") -> MemoryEstimate:
+             precision: str = "fp32", checkpointing: bool = False) -> MemoryEstimate:
     """The estimate for these models; `precision` is `run.precision` (bf16: activations of
-    2 bytes; weights keep their own dtype)."""
+    2 bytes; weights keep their own dtype), `checkpointing` `run.gradient_checkpointing`."""
     seen: set[int] = set()
 
     def params(models):
@@ -96,7 +101,7 @@ def estimate(trained: list[nn.Module], frozen: list[nn.Module] = (),
     optim = sum(8 * p.numel() for p in train_params if p.requires_grad)
     act_bytes = 2 if precision == "bf16" else max(
         (p.element_size() for p in train_params), default=4)
-    per_token = sum(activation_bytes_per_token(m, act_bytes) for m in trained)
+    per_token = sum(activation_bytes_per_token(m, act_bytes, checkpointing) for m in trained)
     return MemoryEstimate(weights, grads, optim, per_token)
 
 

@@ -39,6 +39,7 @@ from posttrain.config import doc, save_config
 from posttrain.data.collate import micro_batches_by_tokens
 from posttrain.data.loading import shuffled
 from posttrain.errors import CheckpointError, ConfigError, NonFiniteError
+from posttrain.models.load import enable_gradient_checkpointing
 from posttrain.tracking.metrics import (
     MetricsLogger,
     Progress,
@@ -97,6 +98,10 @@ class RunConfig:
         "no attention mask): no compute on padding, and micro_batch_tokens counts real "
         "tokens. Needs a model whose transformers code supports packed position ids "
         "(Llama, Qwen, Mistral, Gemma, ...).", False)
+    gradient_checkpointing: bool = doc(
+        "Recompute each decoder layer's activations in the backward instead of keeping them "
+        "(transformers' gradient checkpointing of the trained models): far less activation "
+        "memory for about one more forward pass of compute.", False)
     precision: Literal["fp32", "bf16"] = doc(
         "fp32, or bf16 mixed precision: forward passes under bfloat16 autocast; weights, "
         "gradients, optimiser state and log-softmax stay float32.", "fp32")
@@ -320,7 +325,8 @@ class Trainer:
         engine = getattr(getattr(self, "engine", None), "model", None)
         frozen = [m for m in (getattr(self, "reference", None), engine)
                   if isinstance(m, nn.Module)]
-        est = memory.estimate(trained, frozen, self.run.precision)
+        est = memory.estimate(trained, frozen, self.run.precision,
+                              self.run.gradient_checkpointing)
         memory.check_fits(est, self.run.micro_batch_tokens, self.device)
 
     def autocast(self) -> torch.autocast:
@@ -348,12 +354,23 @@ class Trainer:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def build_optimizer(self) -> None:
+        if self.run.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         self.prepare_parallel()
-        o = self.optim_cfg
-        self.optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
-                                           eps=o.eps, weight_decay=o.weight_decay)
+        self.optimizer = self.adamw(self.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o, self.run.steps))
+            self.optimizer, lr_lambda(self.optim_cfg, self.run.steps))
+
+    def adamw(self, params: list[nn.Parameter], lr: float | None = None
+              ) -> torch.optim.AdamW:
+        """AdamW of `optim`, with torch's fused kernel (one kernel over all parameters, CPU
+        and CUDA) where every parameter is a plain tensor on such a device; FSDP2's sharded
+        parameters keep the default implementation."""
+        o = self.optim_cfg
+        fused = not self.sharded and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 weight_decay=o.weight_decay, fused=fused or None)
 
     def batch_for_step(self, step: int) -> list[Any]:
         """The examples of optimiser step `step`: consecutive slices of per-epoch shuffles."""

@@ -50,6 +50,7 @@ from posttrain.models.forward import (
 )
 from posttrain.models.load import (
     AdapterDisabledReference,
+    enable_gradient_checkpointing,
     load_causal_lm,
     load_critic,
     load_reference,
@@ -288,10 +289,10 @@ class RLTrainer(Trainer):
         self.critic_optimizer = None
         if self.critic is not None:
             o = self.optim_cfg
-            self.critic_optimizer = torch.optim.AdamW(
-                [p for p in self.critic.parameters() if p.requires_grad],
-                lr=self.algo.critic_lr or o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                weight_decay=o.weight_decay)
+            if self.run.gradient_checkpointing:
+                enable_gradient_checkpointing(self.critic)
+            self.critic_optimizer = self.adamw(
+                [p for p in self.critic.parameters() if p.requires_grad], self.algo.critic_lr)
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(
                 self.critic_optimizer, lr_lambda(o, self.run.steps))
 

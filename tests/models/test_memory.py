@@ -27,6 +27,10 @@ def test_estimate_by_hand(model):
     assert est.total(10) == 16 * p + 10 * (6528 + 1200)
     bf16 = memory.estimate([model], precision="bf16")
     assert bf16.activations_per_token == 3 * 32 * 34 * 1 + 200 + 800
+    # checkpointing keeps each layer's input (3 x 32 x 4 bytes) and rebuilds one layer
+    ckpt = memory.estimate([model], precision="fp32", checkpointing=True)
+    assert ckpt.activations_per_token == 3 * 32 * 4 + 32 * 34 * 2 + 400 + 800
+    assert ckpt.static == est.static
 
 
 def test_frozen_models_count_weights_only_and_shared_parameters_once(model):

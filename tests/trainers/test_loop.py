@@ -173,6 +173,46 @@ def test_padding_free_training_equals_padded_training(arithmetic_task, tmp_path)
     assert_same_weights(runs[True], runs[False], atol=2e-5)
 
 
+def count_layer_forwards(model):
+    """A list that grows by one at every start of a decoder layer's MLP (inside the layer's
+    forward, so a recompute counts too: transformers keeps layer hooks out of it, and torch
+    may stop a recompute early, before a module's end)."""
+    calls = []
+    layers = [m.mlp for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert layers
+    return calls, [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in layers]
+
+
+def test_gradient_checkpointing_recomputes_layers_and_gives_the_same_update(arithmetic_task,
+                                                                           tmp_path):
+    """run.gradient_checkpointing: every decoder layer runs twice per micro-batch (forward,
+    then again in the backward), and the loss and gradients are those without it."""
+    results = {}
+    for ckpt in (False, True):
+        trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, f"ckpt-{ckpt}",
+                                        gradient_checkpointing=ckpt))
+        trainer.build_optimizer()
+        trainer.model.train()  # transformers checkpoints in training mode only
+        items = trainer.batch_for_step(0)
+        calls, hooks = count_layer_forwards(trainer.model)
+        loss, _ = trainer.accumulate_gradients(items)
+        for h in hooks:
+            h.remove()
+        layers = trainer.model.config.num_hidden_layers
+        assert len(calls) == layers * len(trainer.micro_batches(items)) * (2 if ckpt else 1)
+        results[ckpt] = (loss, {n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+    (l0, g0), (l1, g1) = results[False], results[True]
+    torch.testing.assert_close(l0, l1, atol=1e-6, rtol=0)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_adamw_is_torchs_fused_kernel_on_plain_tensors(arithmetic_task, tmp_path):
+    trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, "fused"))
+    trainer.build_optimizer()
+    assert trainer.optimizer.defaults["fused"] is True
+
+
 def test_non_finite_loss_stops_without_writing_nan_weights(arithmetic_task, tmp_path):
     trainer = SFTTrainer(sft_config(arithmetic_task, tmp_path, "nan", save_every=1))
     real = trainer.micro_loss

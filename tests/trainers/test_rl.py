@@ -215,6 +215,26 @@ def test_padding_free_rl_equals_padded(arithmetic_dir, arithmetic_sft_model, tmp
     _weights_close(runs[True].critic, runs[False].critic, atol=1e-4)
 
 
+def test_gradient_checkpointing_rl_equals_plain(arithmetic_dir, arithmetic_sft_model,
+                                               tmp_path):
+    """PPO with run.gradient_checkpointing: policy and critic recompute their layers in the
+    backward, generation and scoring do not, and the trained weights are the same."""
+    over = {"run": {"steps": 2}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 4}}
+    runs = {}
+    for ckpt in (False, True):
+        trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **merge(over, {
+            "run": {"name": f"ckpt-{ckpt}", "gradient_checkpointing": ckpt}})))
+        trainer.train()
+        runs[ckpt] = trainer
+    def checkpointed(model):
+        return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+    assert checkpointed(runs[True].model) and checkpointed(runs[True].critic)
+    assert not checkpointed(runs[False].model) and not checkpointed(runs[False].critic)
+    _weights_close(runs[True].model, runs[False].model, atol=2e-5)
+    _weights_close(runs[True].critic, runs[False].critic, atol=1e-4)
+
+
 def test_bf16_autocast_runs_with_float32_weights(arithmetic_dir, arithmetic_sft_model,
                                                 tmp_path):
     over = {"run": {"steps": 2, "precision": "bf16"}, "rollout": {"prompts_per_step": 4},

@@ -134,6 +134,7 @@ def main() -> None:
     trainer.optimizer_step = timed_step
     trainer.train()
     emit({"lib": "posttrain", "version": posttrain.__version__,
+          "gradient_checkpointing": cfg.run.gradient_checkpointing,
           **summarise(times, gen if w.generated_per_step else None, losses)})
 
 

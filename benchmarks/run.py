@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/run.py                 # everything (about 30 min on 2 cores)
     .venv/bin/python benchmarks/run.py --sizes small --precisions fp32 --workloads dpo,grpo
+    .venv/bin/python benchmarks/run.py --checkpointing on --tag=-ckpt   # TRL's default
 
 Installs TRL in its own virtual environments first (`benchmarks/setup_trl.sh`), builds the
 model, tokenizer and data (`assets.py`), measures this machine's matmul peak, then runs every
 workload once per library in its own process, interleaved (posttrain, TRL, TRL, posttrain, ...),
-so both see the same machine state. Prints a table and writes `benchmarks/results/<date>.json`
-and `.md`. Never part of `make test`.
+so both see the same machine state. Both run with the same settings, gradient checkpointing
+included (`--checkpointing off|on`, applied to both; TRL's configs default it to on). Prints a
+table and writes `benchmarks/results/<date><tag>.json` and `.md`. Never part of `make test`.
 """
 
 from __future__ import annotations
@@ -46,15 +48,22 @@ def fmt(x, spec=".3f", none="-"):
     return none if x is None else format(x, spec)
 
 
+def _onoff(flag) -> str:
+    return "-" if flag is None else ("on" if flag else "off")
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| workload | size | prec | posttrain s/step | TRL s/step | ratio | gen tok/s pt | "
-            "gen tok/s TRL | RSS MB pt | RSS MB TRL | GFLOP/step | % peak pt | % peak TRL |")
+    head = ("| workload | size | prec | ckpt pt/TRL | posttrain s/step | TRL s/step | ratio | "
+            "gen tok/s pt | gen tok/s TRL | RSS MB pt | RSS MB TRL | GFLOP/step | % peak pt | "
+            "% peak TRL |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         pt, trl = r["posttrain"], r.get("trl") or {}
         ratio = pt.get("median_s", 0) / trl["median_s"] if trl.get("median_s") else None
         lines.append("| " + " | ".join([
             r["workload"], r["size"], r["precision"],
+            f"{_onoff(pt.get('gradient_checkpointing'))}/"
+            f"{_onoff(trl.get('gradient_checkpointing'))}",
             fmt(pt.get("median_s"), ".4f", pt.get("error", "-")[:40]),
             fmt(trl.get("median_s"), ".4f", (trl.get("error") or trl.get("absent") or "-")[:40]),
             fmt(ratio, ".2f"),
@@ -95,6 +104,8 @@ def main() -> None:
                     help="assets and run directories")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--checkpointing", default="off", choices=["off", "on"],
+                    help="gradient checkpointing in both libraries (TRL's default is on)")
     a = ap.parse_args()
 
     if not a.no_trl:
@@ -112,7 +123,8 @@ def main() -> None:
             w = WORKLOADS[name]
             for prec in a.precisions.split(","):
                 args = ["--root", str(a.work / "assets"), "--workload", name, "--size", size,
-                        "--precision", prec, "--steps", str(a.steps)]
+                        "--precision", prec, "--steps", str(a.steps),
+                        "--checkpointing", a.checkpointing]
                 libs = ["posttrain"] if a.no_trl else ["posttrain", "trl"]
                 if flip:
                     libs.reverse()
@@ -143,6 +155,7 @@ def main() -> None:
     meta = {"date": date, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "matmul_peak_flops": peaks, "steps": a.steps, "warmup": WARMUP,
+            "checkpointing": a.checkpointing,
             "command": " ".join(sys.argv)}
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(text + "\n")

@@ -8,6 +8,7 @@
    n times (what TRL's GRPO trainer runs), on the workload's shape, on long prompts, and with
    responses that end early.
 3. Padding-free against padded micro-batches on sequences of mixed lengths (8..96 tokens).
+4. One AdamW step: torch's fused kernel (what the trainers use) against the default one.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ STEP_ABLATIONS = [
     ("grpo", "both plain", ["rollout.engine=hf", "algo.recompute_old_logprobs=true"]),
     ("ppo", "reuse π_old -> recompute π_old", ["algo.recompute_old_logprobs=true"]),
     ("dpo", "reference precomputed -> per step", ["dpo.precompute_reference=false"]),
+    ("sft", "gradient checkpointing (TRL's default) -> none", ["run.gradient_checkpointing=true"]),
 ]
 
 
@@ -114,6 +116,25 @@ def packing_rows(root: Path) -> list[tuple[str, float, float]]:
     return [(label, timed(lambda: step(False)), timed(lambda: step(True)))]
 
 
+def adamw_rows(root: Path) -> list[tuple[str, float, float]]:
+    import torch
+
+    from posttrain.models.load import load_causal_lm
+
+    rows = []
+    for size in ("small", "large"):
+        model = load_causal_lm(root / size)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        times = []
+        for fused in (None, True):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused)
+            times.append(timed(opt.step, repeats=21))
+        n = sum(p.numel() for p in model.parameters())
+        rows.append((f"one step, {size} model ({n / 1e6:.1f} M parameters)", *times))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=HERE / ".work")
@@ -134,6 +155,10 @@ def main() -> None:
         print(lines[-1], flush=True)
     for label, plain, fast in packing_rows(root):
         lines.append(f"| padding-free | {label} | {plain:.4f} | {fast:.4f} | "
+                     f"{plain / fast:.2f}x |")
+        print(lines[-1], flush=True)
+    for label, plain, fast in adamw_rows(root):
+        lines.append(f"| fused AdamW | {label} | {plain:.4f} | {fast:.4f} | "
                      f"{plain / fast:.2f}x |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)

@@ -1,6 +1,7 @@
 """torch.profiler table of two posttrain optimiser steps (after four untimed ones).
 
-    .venv/bin/python benchmarks/profile_step.py sft      # any workload of workloads.py
+    .venv/bin/python benchmarks/profile_step.py sft              # any workload of workloads.py
+    .venv/bin/python benchmarks/profile_step.py ppo large fp32   # size and precision too
 
 The profile behind "what bounds it" in docs/performance.md (e.g. SFT: aten::mm's share).
 """
@@ -21,11 +22,11 @@ def main() -> None:
 
     from posttrain.trainers import base
 
-    workload = sys.argv[1] if len(sys.argv) > 1 else "sft"
+    workload, size, precision = (sys.argv[1:] + ["sft", "small", "fp32"][len(sys.argv) - 1:])[:3]
     root = HERE / ".work" / "assets"
     assets.build(root)
-    sys.argv = ["profile", "--root", str(root), "--workload", workload, "--steps", "8",
-                "--out", str(HERE / ".work" / "profile")]
+    sys.argv = ["profile", "--root", str(root), "--workload", workload, "--size", size,
+                "--precision", precision, "--steps", "8", "--out", str(HERE / ".work" / "profile")]
     train = base.Trainer.train
 
     def profiled_train(self):

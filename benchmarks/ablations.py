@@ -1,6 +1,6 @@
 """Each optimisation on and off, posttrain only: the before/after table of docs/performance.md.
 
-    .venv/bin/python benchmarks/ablations.py            # about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/ablations.py            # about 15 minutes on 2 cores
 
 1. Whole optimiser steps of the benchmark's workloads (`bench_posttrain.py`, its own process
    per run) with one optimisation switched back to the plain path.
@@ -138,14 +138,21 @@ def adamw_rows(root: Path) -> list[tuple[str, float, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=HERE / ".work")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="processes per side of each step ablation, interleaved")
     a = ap.parse_args()
     root = a.work / "assets"
     assets.build(root)
     lines = ["| optimisation | workload | plain s | optimised s | speed-up |",
              "|---|---|---|---|---|"]
     for workload, label, sets in STEP_ABLATIONS:
-        plain = step_time(root, a.work, workload, sets)
-        fast = step_time(root, a.work, workload, [])
+        # interleaved runs, median of their medians: this machine's step times drift by
+        # +-20% between processes
+        runs: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(a.repeats):
+            runs[False].append(step_time(root, a.work, workload, sets))
+            runs[True].append(step_time(root, a.work, workload, []))
+        plain, fast = statistics.median(runs[False]), statistics.median(runs[True])
         lines.append(f"| {label} | {workload} step | {plain:.4f} | {fast:.4f} | "
                      f"{plain / fast:.2f}x |")
         print(lines[-1], flush=True)

@@ -6,6 +6,7 @@ everything else. Another engine (vLLM, say) only has to implement the same two m
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -216,6 +217,15 @@ def filter_logits(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     return scores
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The name the model's forward takes (and its output returns) the KV cache by: `cache`
+    in recent `transformers` (where `past_key_values` is deprecated), `past_key_values`
+    before."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters \
+        else "past_key_values"
+
+
 class LeanGenerateEngine(HFGenerateEngine):
     """Sampling with a hand-run decode loop over the model's KV cache.
 
@@ -235,6 +245,7 @@ class LeanGenerateEngine(HFGenerateEngine):
         super().__init__(model, pad_id, eos_id, max_batch_prompts, decode)
         self.compile = compile
         self._compiled = None
+        self._cache_kw = _cache_argument(model)
 
     def _decode_fn(self):
         if not self.compile:
@@ -270,7 +281,7 @@ class LeanGenerateEngine(HFGenerateEngine):
             full_att = torch.ones(rows, length, dtype=torch.long, device=device)
             full_att[:, :p_len] = prompt_att.long()
             out = self.model(input_ids=prompt, attention_mask=full_att[:, :p_len],
-                             position_ids=pos, past_key_values=cache, use_cache=True,
+                             position_ids=pos, **{self._cache_kw: cache}, use_cache=True,
                              cache_position=torch.arange(p_len, device=device),
                              logits_to_keep=1)
             logits = out.logits[:, -1]
@@ -278,7 +289,7 @@ class LeanGenerateEngine(HFGenerateEngine):
         else:
             out = self.model(input_ids=prompt, attention_mask=prompt_att, position_ids=pos,
                              use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache = out[self._cache_kw]
             if n > 1:
                 cache.batch_repeat_interleave(n)
             logits = out.logits[:, -1].repeat_interleave(n, dim=0)
@@ -321,7 +332,7 @@ class LeanGenerateEngine(HFGenerateEngine):
                 if finished.all():  # one host sync per token, as `generate`'s check
                     break
                 logits = decode(input_ids=tok[:, None], attention_mask=full_att,
-                                position_ids=next_pos[:, None], past_key_values=cache,
+                                position_ids=next_pos[:, None], **{self._cache_kw: cache},
                                 use_cache=True, cache_position=torch.tensor(
                                     [prompt.shape[1] + t], device=device)).logits[:, -1]
                 next_pos = next_pos + 1
@@ -334,7 +345,7 @@ class LeanGenerateEngine(HFGenerateEngine):
                 active, tok, att, next_pos = active[keep], tok[keep], att[keep], next_pos[keep]
             att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
             logits = decode(input_ids=tok[:, None], attention_mask=att,
-                            position_ids=next_pos[:, None], past_key_values=cache,
+                            position_ids=next_pos[:, None], **{self._cache_kw: cache},
                             use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
         mask, truncated = response_mask_from_eos(tokens, self.eos_id)

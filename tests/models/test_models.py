@@ -18,6 +18,7 @@ from posttrain.models.load import (
     AdapterDisabledReference,
     LoraSpec,
     backbone,
+    enable_gradient_checkpointing,
     load_causal_lm,
     load_critic,
     load_reference,
@@ -99,6 +100,38 @@ def test_lora_reference_equals_the_base_model(tiny_model_dir, tiny_tokenizer):
     assert not any(p.requires_grad for p in base.parameters())
     # no second copy: the reference holds no parameters of its own
     assert list(ref.parameters()) == []
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir, tiny_tokenizer, lora):
+    """Plain and LoRA (peft) models: checkpointed layers give the gradients of plain ones
+    for the trainable parameters, and the two copies really differ in the switch."""
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        spec = LoraSpec(r=4, target_modules=["q_proj", "v_proj"]) if lora else None
+        model = load_causal_lm(tiny_model_dir, lora=spec)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.5)
+        if ckpt:
+            enable_gradient_checkpointing(model)
+        layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers and all(m.gradient_checkpointing == ckpt for m in layers)
+        model.train()
+        ids = torch.tensor([tiny_tokenizer("12+34=46").input_ids] * 2)
+        logp, _ = response_logprobs(model, ids, torch.ones_like(ids).bool(), 4)
+        logp.sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_checkpointing_refuses_a_model_without_it():
+    with pytest.raises(ConfigError, match=r"run\.gradient_checkpointing"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2))
 
 
 def test_lora_model_saves_merged_in_hf_format(tiny_model_dir, tmp_path):

@@ -14,6 +14,7 @@ from posttrain.rollout.engine import (
     HFGenerateEngine,
     LeanGenerateEngine,
     SamplingConfig,
+    _cache_argument,
     filter_logits,
     response_mask_from_eos,
 )
@@ -229,3 +230,23 @@ def test_compiled_static_cache_decode_equals_generate(pair, prompts):
         assert torch.equal(a.response_mask, b.response_mask)
         if cfg.return_logprobs:
             assert_close(a.old_logp, b.old_logp, atol=1e-4, rtol=0)
+
+
+def test_the_cache_goes_by_the_name_the_model_takes(tiny_model_dir):
+    """`transformers` renamed `past_key_values` to `cache` (the old name is deprecated); the
+    lean engine passes the one the model's forward declares, LoRA-wrapped models included."""
+    import inspect
+
+    from posttrain.models.load import LoraSpec
+
+    model = load_causal_lm(tiny_model_dir)
+    params = inspect.signature(model.forward).parameters
+    assert _cache_argument(model) == ("cache" if "cache" in params else "past_key_values")
+    lora = load_causal_lm(tiny_model_dir, lora=LoraSpec(r=2, target_modules=["q_proj"]))
+    assert _cache_argument(lora) == _cache_argument(model)
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    assert _cache_argument(Old()) == "past_key_values"

@@ -140,6 +140,13 @@ def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
         reward["terms"] = [info["reward"]]
         if preset.get("algo", {}).get("critic_init", "reward_model") == "reward_model":
             algo["critic_init"] = "policy"  # rule rewards: there is no reward model
+    if preset.get("algo", {}).get("lambda_schedule") == "length_adaptive":
+        # VAPO's α = 0.05 is for chains of thought hundreds of tokens long (λ = 1 − 1/(α·l)
+        # ≈ 0.98 and up). The built-in tasks answer in ~5 tokens, where α = 0.05 clamps λ to
+        # 0 and leaves the policy a one-step TD of a young critic (measured on arithmetic:
+        # runs that collapse or stall depending on the seed); α = 0.5 gives λ ≈ 0.5-0.8 there,
+        # and learned at every seed tried.
+        algo["length_alpha"] = 0.5
     if preset.get("algo", {}).get("ptx_coef"):
         algo["ptx_data"] = _file(task_dir, "sft_train")
     return {

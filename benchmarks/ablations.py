@@ -146,8 +146,8 @@ def main() -> None:
     lines = ["| optimisation | workload | plain s | optimised s | speed-up |",
              "|---|---|---|---|---|"]
     for workload, label, sets in STEP_ABLATIONS:
-        # interleaved runs, median of their medians: this machine's step times drift by
-        # +-20% between processes
+        # interleaved runs, median of their medians: this machine's step times drift by up
+        # to +-15% between processes
         runs: dict[bool, list[float]] = {False: [], True: []}
         for _ in range(a.repeats):
             runs[False].append(step_time(root, a.work, workload, sets))

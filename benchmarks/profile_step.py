@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/profile_step.py sft              # any workload of workloads.py
     .venv/bin/python benchmarks/profile_step.py ppo large fp32   # size and precision too
+    .venv/bin/python benchmarks/profile_step.py generate         # the lean engine alone, by shape
 
 The profile behind "what bounds it" in docs/performance.md (e.g. SFT: aten::mm's share).
 """
@@ -15,6 +16,28 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
+def profile_generation(root: Path, size: str) -> None:
+    """One `LeanGenerateEngine.generate` of the GRPO workload's shape (2 prompts x 8 samples,
+    16-token prompts, 32 new tokens, an EOS that never comes), ops grouped by input shape."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from posttrain.models.load import load_causal_lm
+    from posttrain.rollout.engine import LeanGenerateEngine, SamplingConfig
+
+    model = load_causal_lm(root / size)
+    engine = LeanGenerateEngine(model, pad_id=0, eos_id=model.config.vocab_size)
+    prompts = torch.randint(2, 500, (2, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    sampling = SamplingConfig(samples_per_prompt=8, max_new_tokens=32, seed=0,
+                              return_logprobs=True)
+    for _ in range(3):
+        engine.generate(prompts, sampling)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        engine.generate(prompts, sampling)
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total",
+                                                             row_limit=15))
+
+
 def main() -> None:
     import assets
     import bench_posttrain
@@ -22,9 +45,13 @@ def main() -> None:
 
     from posttrain.trainers import base
 
-    workload, size, precision = (sys.argv[1:] + ["sft", "small", "fp32"][len(sys.argv) - 1:])[:3]
+    given = sys.argv[1:4]
+    workload, size, precision = given + ["sft", "small", "fp32"][len(given):]
     root = HERE / ".work" / "assets"
     assets.build(root)
+    if workload == "generate":
+        profile_generation(root, size)
+        return
     sys.argv = ["profile", "--root", str(root), "--workload", workload, "--size", size,
                 "--precision", precision, "--steps", "8", "--out", str(HERE / ".work" / "profile")]
     train = base.Trainer.train

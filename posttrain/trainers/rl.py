@@ -285,12 +285,12 @@ class RLTrainer(Trainer):
 
     # ----------------------------------------------------------------- optimisers, state
     def build_optimizer(self) -> None:
+        if self.run.gradient_checkpointing and self.critic is not None:
+            enable_gradient_checkpointing(self.critic)  # before DDP wraps it, as the policy
         super().build_optimizer()
         self.critic_optimizer = None
         if self.critic is not None:
             o = self.optim_cfg
-            if self.run.gradient_checkpointing:
-                enable_gradient_checkpointing(self.critic)
             self.critic_optimizer = self.adamw(
                 [p for p in self.critic.parameters() if p.requires_grad], self.algo.critic_lr)
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(

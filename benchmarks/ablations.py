@@ -1,6 +1,6 @@
 """Each optimisation on and off, posttrain only: the before/after table of docs/performance.md.
 
-    .venv/bin/python benchmarks/ablations.py            # about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/ablations.py            # about 10 minutes on 2 cores
 
 1. Whole optimiser steps of the benchmark's workloads (`bench_posttrain.py`, its own process
    per run) with one optimisation switched back to the plain path.

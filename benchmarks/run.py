@@ -1,6 +1,6 @@
 """posttrain against TRL, side by side, on the same model, data and optimiser settings.
 
-    .venv/bin/python benchmarks/run.py                 # everything (about 30 min on 2 cores)
+    .venv/bin/python benchmarks/run.py                 # everything (about 20 min on 2 cores)
     .venv/bin/python benchmarks/run.py --sizes small --precisions fp32 --workloads dpo,grpo
     .venv/bin/python benchmarks/run.py --checkpointing on --tag=-ckpt   # TRL's default
 

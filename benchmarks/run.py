@@ -44,6 +44,17 @@ def run_worker(python: Path, script: str, args: list[str]) -> dict:
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Of a library's repeated runs, the one with the median step time (the lower middle
+    for an even count), with every run's median kept; an error if none finished."""
+    done = sorted((r for r in runs if "median_s" in r), key=lambda r: r["median_s"])
+    if not done:
+        return runs[0]
+    out = dict(done[(len(done) - 1) // 2])
+    out["median_s_runs"] = [r["median_s"] for r in runs if "median_s" in r]
+    return out
+
+
 def fmt(x, spec=".3f", none="-"):
     return none if x is None else format(x, spec)
 
@@ -104,6 +115,9 @@ def main() -> None:
                     help="assets and run directories")
     ap.add_argument("--results", type=Path, default=HERE / "results")
     ap.add_argument("--tag", default="", help="suffix of the result file names")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="processes per library and workload, interleaved; the table shows "
+                         "the median run (this machine drifts up to +-15%% between processes)")
     ap.add_argument("--checkpointing", default="off", choices=["off", "on"],
                     help="gradient checkpointing in both libraries (TRL's default is on)")
     a = ap.parse_args()
@@ -129,22 +143,24 @@ def main() -> None:
                 if flip:
                     libs.reverse()
                 flip = not flip
-                res = {}
-                for lib in libs:
-                    out = a.work / "runs" / f"{lib}-{size}-{name}-{prec}"
-                    if lib == "posttrain":
-                        r = run_worker(Path(sys.executable), "bench_posttrain.py",
-                                       [*args, "--out", str(out)])
-                    else:
-                        venv = TRL_VENV.get(name, TRL_DEFAULT_VENV)
-                        r = run_worker(venv / "bin" / "python", "bench_trl.py",
-                                       [*args, "--out", str(out)])
-                    flops = w.flops(n)
+                runs: dict[str, list[dict]] = {lib: [] for lib in libs}
+                for _ in range(a.repeats):  # interleaved: pt, TRL, pt, TRL, ...
+                    for lib in libs:
+                        out = a.work / "runs" / f"{lib}-{size}-{name}-{prec}"
+                        if lib == "posttrain":
+                            r = run_worker(Path(sys.executable), "bench_posttrain.py",
+                                           [*args, "--out", str(out)])
+                        else:
+                            venv = TRL_VENV.get(name, TRL_DEFAULT_VENV)
+                            r = run_worker(venv / "bin" / "python", "bench_trl.py",
+                                           [*args, "--out", str(out)])
+                        runs[lib].append(r)
+                        print(f"  {size:5} {name:8} {prec} {lib:9} "
+                              f"{fmt(r.get('median_s'), '.4f', r.get('error', ''))}", flush=True)
+                res = {lib: median_run(rs) for lib, rs in runs.items()}
+                for r in res.values():
                     if "median_s" in r:
-                        r["peak_fraction"] = flops / r["median_s"] / peaks[prec]
-                    res[lib] = r
-                    print(f"  {size:5} {name:8} {prec} {lib:9} "
-                          f"{fmt(r.get('median_s'), '.4f', r.get('error', ''))}", flush=True)
+                        r["peak_fraction"] = w.flops(n) / r["median_s"] / peaks[prec]
                 rows.append({"workload": name, "size": size, "precision": prec,
                              "n_params": n, "gflop_per_step": w.flops(n) / 1e9, **res})
     text = table(rows) + "\n\n" + loss_curves(rows)
@@ -155,7 +171,7 @@ def main() -> None:
     meta = {"date": date, "machine": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "matmul_peak_flops": peaks, "steps": a.steps, "warmup": WARMUP,
-            "checkpointing": a.checkpointing,
+            "checkpointing": a.checkpointing, "repeats": a.repeats,
             "command": " ".join(sys.argv)}
     stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(text + "\n")

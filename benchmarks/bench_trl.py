@@ -147,8 +147,9 @@ def main() -> None:
     # what TRL really did (TRL 1.12's PPO trainer, say, accepts the flag but never applies it)
     model = trainer.accelerator.unwrap_model(trainer.model)
     model = getattr(model, "policy", model)
+    checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     emit({"lib": "trl", "version": __import__("trl").__version__,
-          "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+          "gradient_checkpointing": checkpointed,
           **summarise(times, gen if w.generated_per_step else None, losses)})
 
 

@@ -94,18 +94,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
     """Turn on `transformers`' gradient checkpointing: each decoder layer keeps only its
     input and recomputes the rest in the backward (in training mode only, so generation and
     no-grad scoring are untouched). Non-reentrant, so LoRA needs no input gradients."""
-    target = model
-    if not hasattr(target, "gradient_checkpointing_enable") and hasattr(model, "base_model"):
-        target = model.base_model
-    if not getattr(target, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"run.gradient_checkpointing: {type(target).__name__} does not "
+    # a peft model answers these attributes from the model it wraps
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"run.gradient_checkpointing: {type(model).__name__} does not "
                           "support gradient checkpointing; set run.gradient_checkpointing "
                           "to false")
     kwargs = {"use_reentrant": False}
-    if hasattr(target, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        target.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
 
 

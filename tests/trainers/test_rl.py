@@ -202,37 +202,38 @@ def test_lean_engine_trains_as_generate_does(arithmetic_dir, arithmetic_sft_mode
     assert [r.get("response/length") for r in a] == [r.get("response/length") for r in b]
 
 
-def test_padding_free_rl_equals_padded(arithmetic_dir, arithmetic_sft_model, tmp_path):
-    over = {"run": {"steps": 2}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 4},
-            "algo": {"epochs": 2, "mini_batches": 2}}
+def _ppo_with_and_without(run_key, arithmetic_dir, tmp_path, **over):
+    """Two short PPO runs, `run.<run_key>` False and True; the trainers by that value, after
+    checking that policy and critic trained to the same weights."""
+    base = merge({"run": {"steps": 2}, "rollout": {"prompts_per_step": 4},
+                  "eval": {"prompts": 4}}, over)
     runs = {}
-    for packed in (False, True):
-        trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **merge(over, {
-            "run": {"name": f"packed-{packed}", "padding_free": packed}})))
+    for on in (False, True):
+        trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **merge(base, {
+            "run": {"name": f"{run_key}-{on}", run_key: on}})))
         trainer.train()
-        runs[packed] = trainer
+        runs[on] = trainer
     _weights_close(runs[True].model, runs[False].model, atol=2e-5)
     _weights_close(runs[True].critic, runs[False].critic, atol=1e-4)
+    return runs
+
+
+def test_padding_free_rl_equals_padded(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    _ppo_with_and_without("padding_free", arithmetic_dir, tmp_path,
+                          algo={"epochs": 2, "mini_batches": 2})
 
 
 def test_gradient_checkpointing_rl_equals_plain(arithmetic_dir, arithmetic_sft_model,
                                                tmp_path):
-    """PPO with run.gradient_checkpointing: policy and critic recompute their layers in the
-    backward, generation and scoring do not, and the trained weights are the same."""
-    over = {"run": {"steps": 2}, "rollout": {"prompts_per_step": 4}, "eval": {"prompts": 4}}
-    runs = {}
-    for ckpt in (False, True):
-        trainer = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, **merge(over, {
-            "run": {"name": f"ckpt-{ckpt}", "gradient_checkpointing": ckpt}})))
-        trainer.train()
-        runs[ckpt] = trainer
+    """PPO with run.gradient_checkpointing: policy and critic are checkpointed, and they
+    train to the same weights as without it."""
+    runs = _ppo_with_and_without("gradient_checkpointing", arithmetic_dir, tmp_path)
+
     def checkpointed(model):
         return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
     assert checkpointed(runs[True].model) and checkpointed(runs[True].critic)
     assert not checkpointed(runs[False].model) and not checkpointed(runs[False].critic)
-    _weights_close(runs[True].model, runs[False].model, atol=2e-5)
-    _weights_close(runs[True].critic, runs[False].critic, atol=1e-4)
 
 
 def test_bf16_autocast_runs_with_float32_weights(arithmetic_dir, arithmetic_sft_model,

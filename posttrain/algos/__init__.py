@@ -3,6 +3,7 @@
 
 from posttrain.algos.advantages import (
     ADVANTAGE_ESTIMATORS,
+    LAMBDA_SCHEDULES,
     WHITEN_MODES,
     compute_advantages,
     group_mean_std,
@@ -12,6 +13,7 @@ from posttrain.algos.advantages import (
     whiten_advantages,
 )
 from posttrain.algos.kl import (
+    KL_CONTROLLERS,
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
@@ -24,6 +26,7 @@ from posttrain.algos.kl import (
 from posttrain.algos.logprobs import token_logprobs, token_logprobs_and_entropy
 from posttrain.algos.masked import (
     AGGREGATION_MODES,
+    AGGREGATIONS,
     aggregate_loss,
     masked_mean,
     masked_sum,
@@ -32,11 +35,15 @@ from posttrain.algos.masked import (
 )
 from posttrain.algos.policy_loss import (
     POLICY_LOSSES,
+    cispo_policy_loss,
     clipped_policy_loss,
     entropy_loss,
     explained_variance,
+    gspo_policy_loss,
+    gspo_token_policy_loss,
     nll_loss,
     positive_example_mask,
+    sapo_policy_loss,
     unclipped_policy_loss,
     value_loss,
 )
@@ -45,9 +52,12 @@ from posttrain.registry import Registry
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
     "AGGREGATION_MODES",
     "DPO_VARIANTS",
+    "KL_CONTROLLERS",
     "KL_ESTIMATORS",
+    "LAMBDA_SCHEDULES",
     "POLICY_LOSSES",
     "WHITEN_MODES",
     "AdaptiveKLController",
@@ -58,12 +68,15 @@ __all__ = [
     "add_score_at_last_token",
     "aggregate_loss",
     "bradley_terry_loss",
+    "cispo_policy_loss",
     "clipped_policy_loss",
     "compute_advantages",
     "dpo_loss",
     "entropy_loss",
     "explained_variance",
     "group_mean_std",
+    "gspo_policy_loss",
+    "gspo_token_policy_loss",
     "kl_estimate",
     "kl_penalized_rewards",
     "length_adaptive_lambda",
@@ -76,6 +89,7 @@ __all__ = [
     "policy_lambda",
     "positive_example_mask",
     "register_advantage",
+    "sapo_policy_loss",
     "token_logprobs",
     "token_logprobs_and_entropy",
     "unclipped_policy_loss",

@@ -1,4 +1,5 @@
-"""Boundary checks shared by the public functions of `posttrain.algos`.
+"""Boundary checks shared by the public functions of `posttrain.algos`, and the one way to
+drop padding (`select`).
 
 Only shapes, dtypes and devices are checked: they cost nothing. Values are not checked, since
 that would force a device-to-host sync on every call.
@@ -54,3 +55,22 @@ def check_rows(name: str, x: object, ref_name: str, ref: torch.Tensor) -> torch.
             "give one entry per sequence"
         )
     return x
+
+
+def check_keep(name: str, mask: object, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+    """`check_mask`, returned as a bool tensor: True where the entry is non-zero (counts)."""
+    return check_mask(name, mask, ref_name, ref) != 0
+
+
+def select(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """`x` where `keep` is True, 0 elsewhere (STYLE habit 14).
+
+    A selection, never a product with the mask: NaN · 0 and inf · 0 are NaN, in the value and,
+    by the chain rule, in the gradient. `torch.where` sends exactly 0 gradient to the entries
+    it drops. To keep a non-finite padding value out of the gradient as well, select the
+    *inputs* of any non-linear step (exp, a product of two inputs, ...) before it, not only its
+    output: the backward of `exp(inf)` is `0 · inf` even when the output is dropped afterwards.
+    Integer or bool inputs come back as float32, as a product with a float mask did.
+    """
+    dtype = x.dtype if x.is_floating_point() or x.is_complex() else torch.float32
+    return torch.where(keep, x, torch.zeros((), dtype=dtype, device=x.device))

@@ -14,7 +14,15 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from posttrain.algos._checks import check_float, check_like, check_mask, check_rows, check_tensor
+from posttrain.algos._checks import (
+    check_float,
+    check_keep,
+    check_like,
+    check_mask,
+    check_rows,
+    check_tensor,
+    select,
+)
 from posttrain.errors import ConfigError
 from posttrain.registry import Registry
 
@@ -40,21 +48,33 @@ def _k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
-def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+def kl_estimate(
+    logp: Tensor, ref_logp: Tensor, estimator: str = "k1", mask: Tensor | None = None
+) -> Tensor:
     """Per-token KL(π ‖ π_ref) estimate.
 
     Args:
         logp: (B, T) log π(a_t|s_t) of the sampled tokens (the policy, or π_old for rewards).
         ref_logp: (B, T) log π_ref(a_t|s_t) of the same tokens.
-        estimator: "k1", "k2" or "k3".
+        estimator: a name in `KL_ESTIMATORS`: "k1", "k2" or "k3".
+        mask: (B, T) True on the tokens that count, or None. With a mask, log ρ is selected
+            to 0 off the mask *before* the estimator, and the estimate is 0 there: a padding
+            log-prob such as −95 (or −inf) gives k3 = e^95 − 1 − 95, which overflows float32,
+            and even a result that is dropped afterwards sends 0 · inf = NaN into the gradient.
+            Pass the mask whenever the estimate enters a loss.
 
     Returns:
-        (B, T) estimate; gradients flow through `logp` (use it in the loss for KL-in-loss).
+        (B, T) estimate (0 off `mask`); gradients flow through `logp` (use it in the loss for
+        KL-in-loss).
     """
     logp = check_tensor("logp", logp)
     check_float("logp", logp)
     ref_logp = check_like("ref_logp", ref_logp, "logp", logp)
-    return KL_ESTIMATORS.get(estimator)(ref_logp - logp)
+    est = KL_ESTIMATORS.get(estimator)
+    if mask is None:
+        return est(ref_logp - logp)
+    keep = check_keep("mask", mask, "logp", logp)
+    return select(est(select(ref_logp - logp, keep)), keep)
 
 
 def kl_penalized_rewards(
@@ -79,19 +99,25 @@ def kl_penalized_rewards(
     m = check_mask("response_mask", response_mask, "kl", kl)
     scores = check_rows("scores", scores, "kl", kl).to(kl.dtype)
     # where, not a product: a NaN or inf KL at a padding position must not leak.
-    rewards = torch.where(m != 0, -beta * kl, torch.zeros_like(kl))
-    return add_score_at_last_token(rewards, scores, m)
+    keep = m != 0
+    rewards = select(-beta * select(kl, keep), keep)
+    return add_score_at_last_token(rewards, scores, keep)
 
 
 def add_score_at_last_token(rewards: Tensor, scores: Tensor, response_mask: Tensor) -> Tensor:
-    """`rewards` (B, T) with `scores` (B,) added at each row's last True mask position."""
+    """`rewards` (B, T) with `scores` (B,) added at each row's last True mask position.
+
+    Every other entry of `rewards` is returned unchanged. A row with no True position gets no
+    score, and its score is never read (NaN is fine there).
+    """
     counts = response_mask != 0
     # Integer positions: bf16 holds integers exactly only up to 256.
     positions = torch.arange(counts.shape[1], device=counts.device)
     last = (positions * counts).argmax(dim=1, keepdim=True)
-    has_token = counts.any(dim=1, keepdim=True)
-    bonus = torch.zeros_like(rewards).scatter(1, last, scores[:, None].to(rewards.dtype))
-    return rewards + bonus * has_token
+    has_token = counts.any(dim=1)
+    at_last = torch.zeros_like(counts).scatter(1, last, True) & has_token[:, None]
+    scores = select(scores.to(rewards.dtype), has_token)
+    return torch.where(at_last, rewards + scores[:, None], rewards)
 
 
 class FixedKLController:
@@ -153,18 +179,43 @@ class PPOAdaptiveKLController(FixedKLController):
         return self.value
 
 
+KLControllerFactory = Callable[[float, float | None, float], FixedKLController]
+"""Builds a controller from (beta, target, horizon)."""
+
+KL_CONTROLLERS: Registry[KLControllerFactory] = Registry(
+    "KL controller", attrs={"needs_target": False}
+)
+
+
+@KL_CONTROLLERS.register("fixed")
+def _fixed_controller(beta: float, target: float | None, horizon: float) -> FixedKLController:
+    return FixedKLController(beta)
+
+
+@KL_CONTROLLERS.register("adaptive", needs_target=True)
+def _adaptive_controller(beta: float, target: float | None, horizon: float
+                         ) -> FixedKLController:
+    return AdaptiveKLController(beta, _need_target("adaptive", target), horizon)
+
+
+@KL_CONTROLLERS.register("ppo_adaptive", needs_target=True)
+def _ppo_adaptive_controller(beta: float, target: float | None, horizon: float
+                             ) -> FixedKLController:
+    return PPOAdaptiveKLController(beta, _need_target("ppo_adaptive", target))
+
+
+def _need_target(kind: str, target: float | None) -> float:
+    if target is None:
+        raise ConfigError(f"the {kind!r} KL controller needs a KL target (`kl_target`)")
+    return target
+
+
 def make_kl_controller(
     kind: str, beta: float, target: float | None = None, horizon: float = 10000.0
 ) -> FixedKLController:
-    """`kind` is "fixed", "adaptive" (proportional) or "ppo_adaptive"."""
-    if kind not in ("fixed", "adaptive", "ppo_adaptive"):
-        raise ConfigError(
-            f"unknown KL controller {kind!r}; choose fixed, adaptive or ppo_adaptive"
-        )
-    if kind == "fixed":
-        return FixedKLController(beta)
-    if target is None:
-        raise ConfigError(f"the {kind!r} KL controller needs a KL target (`kl_target`)")
-    if kind == "adaptive":
-        return AdaptiveKLController(beta, target, horizon)
-    return PPOAdaptiveKLController(beta, target)
+    """Build the controller registered as `kind` in `KL_CONTROLLERS` ("fixed", "adaptive"
+    (proportional) or "ppo_adaptive"). An entry with `needs_target` needs `target`."""
+    build = KL_CONTROLLERS.get(kind)
+    if KL_CONTROLLERS.attr(kind, "needs_target"):
+        _need_target(kind, target)
+    return build(beta, target, horizon)

@@ -330,3 +330,154 @@ def test_errors():
         compute_advantages("grp0", rewards, mask)
     with pytest.raises(ConfigError, match="whitening"):
         whiten_advantages(rewards, mask, "batch")
+
+
+# ------------------------------------------------------------------- rows with no counted token
+
+
+def _scored(scores, mask):
+    """Token rewards with each score at its row's last position, whether it counts or not, so
+    that a masked row's score is garbage the estimator must not read."""
+    rewards = torch.zeros(mask.shape, dtype=D)
+    rewards[:, -1] = t(scores)
+    return rewards
+
+
+def test_grpo_leaves_a_fully_masked_row_out_of_its_group():
+    # The issue's numbers: scores [1, 1, 0, 0] in one group, row 0 an overlong response with
+    # `overlong: mask` (every token masked out). The group's statistics are over rows 1-3:
+    #   mean = (1 + 0 + 0)/3 = 1/3
+    #   unbiased std = sqrt(((2/3)² + (1/3)² + (1/3)²) / 2) = sqrt((6/9)/2) = sqrt(1/3)
+    #   A = [0, (1 - 1/3)/(std + ε), (0 - 1/3)/(std + ε), (0 - 1/3)/(std + ε)]
+    # (Counting row 0 as a score of 0 gave mean 1/4, std 1/2 and A = [0, 1.5, -0.5, -0.5].)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[0] = False
+    eps = 1e-6
+    adv, _ = compute_advantages("grpo", _scored([1, 1, 0, 0], mask), mask,
+                                group_ids=torch.zeros(4), eps=eps)
+    std = math.sqrt(1 / 3)
+    expected = [0.0, (2 / 3) / (std + eps), (-1 / 3) / (std + eps), (-1 / 3) / (std + eps)]
+    assert_close(adv, t(expected)[:, None] * mask, atol=1e-12, rtol=0)
+
+
+def test_an_all_correct_group_with_one_truncated_row_gives_zero_to_the_others():
+    # scores [1, 1, 1] on the valid rows: mean 1, std 0 -> every advantage (1 - 1)/(0 + ε) = 0.
+    # (Counting the masked row as 0 gave mean 3/4 and a positive advantage to every row.)
+    mask = torch.ones(4, 3, dtype=torch.bool)
+    mask[2] = False
+    rewards = _scored([1, 1, 1, 1], mask)
+    for name in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        adv, _ = compute_advantages(name, rewards, mask, group_ids=torch.zeros(4))
+        assert_close(adv, torch.zeros(4, 3, dtype=D), atol=0, rtol=0, msg=name)
+
+
+def test_rloo_and_dr_grpo_count_only_the_valid_rows():
+    # valid scores [3, 1, 2] (row 3 masked, its garbage score 100 unread): mean 2, K = 3.
+    # dr_grpo: R - 2 = [1, -1, 0]; rloo: K/(K-1)·(R - mean) = 1.5·[1, -1, 0]; row 3: 0.
+    mask = lengths_mask([2, 3, 1, 0], 3)
+    rewards = torch.zeros(4, 3, dtype=D)
+    rewards[0, 1], rewards[1, 2], rewards[2, 0], rewards[3, 2] = 3.0, 1.0, 2.0, 100.0
+    gid = torch.tensor([5, 5, 5, 5])
+    adv, _ = compute_advantages("dr_grpo", rewards, mask, group_ids=gid)
+    assert_close(adv, t([1.0, -1.0, 0.0, 0.0])[:, None] * mask, atol=0, rtol=0)
+    adv, _ = compute_advantages("rloo", rewards, mask, group_ids=gid)
+    assert_close(adv, t([1.5, -1.5, 0.0, 0.0])[:, None] * mask, atol=0, rtol=0)
+    # the definition: R_i - mean of the other valid rows: 3 - (1+2)/2 = 1.5, 1 - 2.5 = -1.5
+    adv, _ = compute_advantages("reinforce_pp_baseline", rewards, mask, group_ids=gid)
+    assert_close(adv, t([1.0, -1.0, 0.0, 0.0])[:, None] * mask, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_a_group_with_fewer_than_two_valid_rows_gets_zero(name):
+    # Group 0 has one valid row (its other row masked), group 1 none, group 2 two valid rows.
+    # With one valid sample there is no baseline (mean = the sample, std and leave-one-out
+    # mean undefined): every row of groups 0 and 1 gets 0, group 2 is as usual.
+    mask = lengths_mask([2, 0, 0, 0, 2, 2], 2)
+    rewards = _scored([5.0, 7.0, 1.0, 2.0, 1.0, 0.0], mask)
+    gid = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv, _ = compute_advantages(name, rewards, mask, group_ids=gid, eps=0.0)
+    assert torch.isfinite(adv).all()
+    assert (adv[:4] == 0).all()
+    # group 2: scores [1, 0], mean 1/2, unbiased std sqrt(1/2); K = 2
+    a = {"grpo": 0.5 / math.sqrt(0.5), "dr_grpo": 0.5, "rloo": 1.0,
+         "reinforce_pp_baseline": 0.5}[name]
+    assert_close(adv[4:], t([[a, a], [-a, -a]]), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
+def test_every_group_estimator_refuses_a_group_of_one(name):
+    rewards = torch.zeros(3, 2, dtype=D)
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    with pytest.raises(ShapeError, match="at least 2 samples"):
+        compute_advantages(name, rewards, mask, group_ids=torch.tensor([0, 0, 1]))
+
+
+def test_group_mean_std_over_valid_rows_by_hand():
+    scores = t([1.0, 2.0, 10.0, 3.0, 99.0, -4.0])
+    gid = torch.tensor([0, 0, 1, 0, 0, 2])
+    valid = torch.tensor([True, True, True, True, False, False])
+    mean, std = group_mean_std(scores, gid, valid=valid)
+    # group 0: valid {1, 2, 3} (99 left out): mean 2, unbiased std 1 — on every row of it,
+    # the invalid one included; group 1: {10}: std NaN; group 2: no valid row: mean NaN
+    assert_close(mean[[0, 1, 3, 4, 2]], t([2.0, 2.0, 2.0, 2.0, 10.0]), atol=0, rtol=0)
+    assert_close(std[[0, 1, 3, 4]], t([1.0, 1.0, 1.0, 1.0]), atol=1e-15, rtol=0)
+    assert math.isnan(float(std[2])) and math.isnan(float(mean[5]))
+    # without `valid` every row counts: group 0 is {1, 2, 3, 99}
+    mean, _ = group_mean_std(scores, gid)
+    assert_close(mean[0], t(105 / 4), atol=0, rtol=0)
+    with pytest.raises(ShapeError, match="`valid`"):
+        group_mean_std(scores, gid, valid=valid[:3])
+
+
+def test_group_whitening_leaves_a_masked_row_out_and_at_zero():
+    # group 0 = rows 0, 1, 2 with row 2 fully masked (garbage 50s); group 1 = row 3 alone.
+    # group 0 tokens: 1, 3 | 5 -> mean 3, unbiased var ((-2)² + 0 + 2²)/2 = 4, std 2
+    # group 1 tokens: 2, 4 -> mean 3, var 2 (a group with one valid row is still whitened)
+    adv = t([[1.0, 3.0], [5.0, 0.0], [50.0, 50.0], [2.0, 4.0]])
+    mask = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1]], dtype=torch.bool)
+    w = whiten_advantages(adv, mask, "group", group_ids=torch.tensor([0, 0, 0, 1]), eps=0.0)
+    s2 = math.sqrt(2)
+    assert_close(w, t([[-1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [-1 / s2, 1 / s2]]), atol=1e-15,
+                 rtol=0)
+
+
+# ---------------------------------------------------------------------------------- registries
+
+
+def test_whiten_modes_and_lambda_schedules_are_registries():
+    from posttrain.algos import LAMBDA_SCHEDULES, WHITEN_MODES
+
+    assert WHITEN_MODES.names() == ["global", "group", "none"]
+    assert "group" in WHITEN_MODES and "batch" not in WHITEN_MODES
+    assert WHITEN_MODES.attr("group", "needs_groups") is True
+    assert WHITEN_MODES.attr("global", "needs_groups") is False
+    with pytest.raises(ConfigError, match=r"unknown whitening mode 'grup'.*Did you mean 'group'"):
+        WHITEN_MODES.get("grup")
+    with pytest.raises(ShapeError, match="needs `group_ids`"):
+        whiten_advantages(torch.zeros(2, 2, dtype=D), torch.ones(2, 2), "group")
+
+    assert LAMBDA_SCHEDULES.names() == ["fixed", "length_adaptive"]
+    with pytest.raises(ConfigError, match="Did you mean 'length_adaptive'"):
+        LAMBDA_SCHEDULES.get("length-adaptive")
+    mask = lengths_mask([40, 100], 100)
+    assert LAMBDA_SCHEDULES.get("fixed")(mask, lam=0.9, alpha=0.05) == 0.9
+    assert_close(LAMBDA_SCHEDULES.get("length_adaptive")(mask, lam=0.9, alpha=0.05),
+                 torch.tensor([0.5, 0.8]), atol=1e-7, rtol=0)
+
+
+def test_register_advantage_declares_its_needs_in_the_registry(monkeypatch):
+    from posttrain.algos import register_advantage
+
+    monkeypatch.setattr(ADVANTAGE_ESTIMATORS, "_items", dict(ADVANTAGE_ESTIMATORS._items))
+    monkeypatch.setattr(ADVANTAGE_ESTIMATORS, "_attrs", dict(ADVANTAGE_ESTIMATORS._attrs))
+
+    @register_advantage("test_constant", needs_groups=True)
+    def constant(token_rewards, response_mask, **_):
+        return torch.ones_like(token_rewards), None
+
+    assert ADVANTAGE_ESTIMATORS.attr("test_constant", "needs_groups") is True
+    assert ADVANTAGE_ESTIMATORS.attr("test_constant", "needs_values") is False
+    assert (constant.needs_values, constant.needs_groups) == (False, True)
+    assert ADVANTAGE_ESTIMATORS.attr("gae", "needs_values") is True
+    with pytest.raises(ShapeError, match="needs `group_ids`"):
+        compute_advantages("test_constant", torch.zeros(1, 1, dtype=D), torch.ones(1, 1))

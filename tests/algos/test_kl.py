@@ -17,6 +17,7 @@ from posttrain.algos import (
     FixedKLController,
     PPOAdaptiveKLController,
     add_score_at_last_token,
+    aggregate_loss,
     kl_estimate,
     kl_penalized_rewards,
     make_kl_controller,
@@ -445,3 +446,89 @@ def test_kl_penalized_rewards_shape_errors():
         kl_penalized_rewards(SCORES, KL.long(), MASK, BETA)
     with pytest.raises(ShapeError, match="`response_mask` has shape \\(5, 3\\) but `kl`"):
         kl_penalized_rewards(SCORES, KL, MASK[:, :3], BETA)
+
+
+# ---------------------------------------------------------------------------------------------
+# A mask keeps padding out of the estimator (k3's expm1 overflows on a padding log-prob)
+
+
+def test_masked_kl_estimate_does_not_overflow_on_padding():
+    # float32, one real token and one padding position with log π = -95, log π_ref = 0:
+    # log ρ = 95 there and k3 = e^95 - 1 - 95 ≈ 1.8e41 > float32's 3.4e38, so it is inf.
+    # Multiplying inf by the 0 of the mask gives NaN; selecting it afterwards still sends
+    # 0 · e^95 = NaN into the gradient of expm1. The mask must select log ρ *before* k3.
+    f32 = torch.float32
+    logp = torch.tensor([[-1.0, -95.0]], dtype=f32, requires_grad=True)
+    ref = torch.tensor([[-1.5, 0.0]], dtype=f32)
+    mask = torch.tensor([[True, False]])
+
+    # the defect, as the trainer assembled it: the unmasked estimate times the mask is NaN at
+    # the pad (inf · 0); the aggregation now selects the pad away, so the value is finite, but
+    # the gradient through expm1 at the pad is 0 · e^95 = NaN, whatever comes after
+    unmasked = kl_estimate(logp, ref, "k3")
+    assert torch.isinf(unmasked[0, 1]) and torch.isnan((unmasked * mask)[0, 1])
+    for loss_mat in (unmasked * mask, unmasked):
+        bad = aggregate_loss(loss_mat, mask, "token-mean")
+        (g_bad,) = torch.autograd.grad(bad, logp, retain_graph=True)
+        assert torch.isnan(g_bad[0, 1])
+
+    # with the mask: finite, and equal to the loss of the real token alone
+    # (log ρ = -0.5: k3 = e^-0.5 - 1 + 0.5, gradient d/dlogp = 1 - e^-0.5)
+    good = aggregate_loss(kl_estimate(logp, ref, "k3", mask=mask), mask, "token-mean")
+    (g_good,) = torch.autograd.grad(good, logp)
+    alone = logp.detach()[:, :1].clone().requires_grad_(True)
+    ref_alone = aggregate_loss(kl_estimate(alone, ref[:, :1], "k3"), mask[:, :1], "token-mean")
+    (g_alone,) = torch.autograd.grad(ref_alone, alone)
+    assert_close(good, ref_alone, atol=0, rtol=0)
+    assert_close(good, torch.tensor(math.exp(-0.5) - 0.5, dtype=f32), atol=1e-7, rtol=0)
+    assert_close(g_good, torch.cat([g_alone, torch.zeros(1, 1, dtype=f32)], dim=1), atol=0,
+                 rtol=0)
+    assert_close(g_good[0, 0], torch.tensor(1 - math.exp(-0.5), dtype=f32), atol=1e-7, rtol=0)
+
+
+def test_masked_kl_estimate_is_zero_off_the_mask_and_unchanged_on_it():
+    logp = torch.log(t([[0.5, 0.25, 0.3]]))
+    ref = torch.log(t([[0.25, 0.75, 0.3]]))
+    mask = torch.tensor([[1, 0, 1]])
+    for name in ("k1", "k2", "k3"):
+        full = kl_estimate(logp, ref, name)
+        got = kl_estimate(logp, ref, name, mask=mask)
+        assert_close(got, full * t([[1.0, 0.0, 1.0]]), atol=0, rtol=0)
+    with pytest.raises(ShapeError, match="`mask`"):
+        kl_estimate(logp, ref, "k3", mask=mask[:, :2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller registry
+
+
+def test_kl_controllers_are_a_registry_with_needs_target():
+    from posttrain.algos import KL_CONTROLLERS
+
+    assert KL_CONTROLLERS.names() == ["adaptive", "fixed", "ppo_adaptive"]
+    assert KL_CONTROLLERS.attr("fixed", "needs_target") is False
+    assert KL_CONTROLLERS.attr("adaptive", "needs_target") is True
+    assert KL_CONTROLLERS.attr("ppo_adaptive", "needs_target") is True
+    # each entry builds a controller from (beta, target, horizon)
+    c = KL_CONTROLLERS.get("adaptive")(0.3, 6.0, 100.0)
+    assert type(c) is AdaptiveKLController and (c.value, c.target, c.horizon) == (0.3, 6.0, 100.0)
+    with pytest.raises(ConfigError, match="Did you mean 'ppo_adaptive'"):
+        KL_CONTROLLERS.get("ppo-adaptive")
+    with pytest.raises(ValueError, match="already registered"):
+        KL_CONTROLLERS.register("fixed")(lambda beta, target, horizon: None)
+
+
+def test_make_kl_controller_builds_a_registered_kind(monkeypatch):
+    from posttrain.algos import KL_CONTROLLERS
+
+    monkeypatch.setattr(KL_CONTROLLERS, "_items", dict(KL_CONTROLLERS._items))
+    monkeypatch.setattr(KL_CONTROLLERS, "_attrs", dict(KL_CONTROLLERS._attrs))
+
+    class Halving(FixedKLController):
+        def update(self, current_kl, n_samples):
+            self.value /= 2
+            return self.value
+
+    KL_CONTROLLERS.register("test_halving")(lambda beta, target, horizon: Halving(beta))
+    c = make_kl_controller("test_halving", 0.4)
+    assert c.update(1.0, 1) == 0.2

@@ -89,11 +89,9 @@ def _aggregate_loop(loss, mask, mode, norm_len=None):
         vals = [float(loss[i, j]) for j in range(loss.shape[1]) if mask[i, j]]
         total += sum(vals)
         count += len(vals)
-        if not vals:
-            continue
-        if mode == "seq-mean-token-mean":
+        if mode == "seq-mean-token-mean" and vals:  # a row with no token is not a sequence
             rows.append(sum(vals) / len(vals))
-        elif mode == "seq-mean-token-sum-norm":
+        elif mode == "seq-mean-token-sum-norm":  # Dr. GRPO's 1/G counts every row
             rows.append(sum(vals) / (norm_len or loss.shape[1]))
     if mode == "token-mean":
         return total / count
@@ -104,7 +102,7 @@ def _aggregate_loop(loss, mask, mode, norm_len=None):
 def test_aggregate_loss_matches_loop(mode):
     g = torch.Generator().manual_seed(0)
     loss = torch.randn(6, 9, generator=g, dtype=D)
-    lengths = [9, 1, 4, 0, 7, 2]  # a row with no token is not a sequence
+    lengths = [9, 1, 4, 0, 7, 2]  # a row with no token: no sequence, but a row (Dr. GRPO)
     mask = torch.tensor([[j < n for j in range(9)] for n in lengths])
     got = aggregate_loss(loss, mask, mode)
     assert_close(got, t(_aggregate_loop(loss, mask, mode)), atol=1e-14, rtol=0)
@@ -155,11 +153,14 @@ def test_padding_changes_nothing(mode):
     padded = torch.cat([padded, torch.randn(1, 9, generator=g, dtype=D)], dim=0)
     pmask = torch.zeros(4, 9, dtype=torch.bool)
     pmask[:3, :5] = mask
-    kw = {"norm_len": 5} if mode == "seq-mean-token-sum-norm" else {}
+    # Dr. GRPO divides by the rows of the step, so a row added only as padding is left out of
+    # the count the caller gives (num_rows = 3 real rows)
+    kw = {"norm_len": 5, "num_rows": 3} if mode == "seq-mean-token-sum-norm" else {}
     assert_close(
         aggregate_loss(padded, pmask, mode, **kw), aggregate_loss(loss, mask, mode, **kw),
         atol=1e-15, rtol=0,
     )
+
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -180,7 +181,8 @@ def test_micro_batches_with_global_counts_equal_the_full_batch(mode):
     total = torch.zeros((), dtype=D)
     for rows in (slice(0, 3), slice(3, 4), slice(4, 8)):  # uneven micro-batches
         total = total + aggregate_loss(
-            loss_mat(rows), mask[rows], mode, num_tokens=n_tokens, num_seqs=n_seqs, norm_len=6
+            loss_mat(rows), mask[rows], mode, num_tokens=n_tokens, num_seqs=n_seqs, norm_len=6,
+            num_rows=8,
         )
     (micro_grad,) = torch.autograd.grad(total, w)
     assert_close(total, full, atol=1e-14, rtol=0)
@@ -207,3 +209,66 @@ def test_errors_name_the_argument():
         aggregate_loss(X[0], M[0], "token-mean")
     with pytest.raises(ShapeError, match="`x`"):
         masked_whiten(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Dr. GRPO's denominator, and the aggregation registry
+
+
+def test_dr_grpo_divides_by_every_row_including_empty_ones():
+    # Row 1 has no counted token (an overlong response masked out). Dr. GRPO's objective is
+    # 1/G Σ_i Σ_t ℓ_{i,t} / L over all G samples: (1 + 3)/4 + 0 + 6/4 over 3 rows = 2.5/3.
+    # (Dividing by the 2 rows with tokens would give 1.25.)
+    loss = t([[1.0, 3.0, 0.0], [5.0, 7.0, 9.0], [6.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    got = aggregate_loss(loss, mask, "seq-mean-token-sum-norm", norm_len=4)
+    assert_close(got, t(2.5 / 3), atol=1e-15, rtol=0)
+    # num_seqs is not its denominator; num_rows is (a whole step of 10 rows)
+    got = aggregate_loss(loss, mask, "seq-mean-token-sum-norm", norm_len=4, num_seqs=1)
+    assert_close(got, t(2.5 / 3), atol=1e-15, rtol=0)
+    got = aggregate_loss(loss, mask, "seq-mean-token-sum-norm", norm_len=4, num_rows=10)
+    assert_close(got, t(0.25), atol=1e-15, rtol=0)
+    # seq-mean-token-mean keeps counting sequences: ((1+3)/2 + 6/1) / 2 = 4
+    assert_close(aggregate_loss(loss, mask, "seq-mean-token-mean"), t(4.0), atol=0, rtol=0)
+    assert_close(aggregate_loss(loss, mask, "seq-mean-token-mean", num_rows=99), t(4.0),
+                 atol=0, rtol=0)
+
+
+def test_aggregation_modes_are_a_registry():
+    from posttrain.algos import AGGREGATION_MODES, AGGREGATIONS
+
+    assert set(AGGREGATION_MODES) == {"token-mean", "seq-mean-token-mean",
+                                      "seq-mean-token-sum-norm"}
+    assert set(AGGREGATION_MODES) <= set(AGGREGATIONS.names())
+    with pytest.raises(ConfigError, match="Did you mean 'token-mean'"):
+        AGGREGATIONS.get("token_mean")
+    with pytest.raises(ValueError, match="already registered"):
+        AGGREGATIONS.register("token-mean")(lambda *a, **k: None)
+
+
+def test_a_user_can_register_an_aggregation(monkeypatch):
+    from posttrain.algos import AGGREGATIONS
+
+    # the registration is undone after the test
+    monkeypatch.setattr(AGGREGATIONS, "_items", dict(AGGREGATIONS._items))
+    monkeypatch.setattr(AGGREGATIONS, "_attrs", dict(AGGREGATIONS._attrs))
+    seen = {}
+
+    @AGGREGATIONS.register("test-seq-max")
+    def seq_max(loss_mat, mask, *, num_tokens, num_seqs, num_rows, norm_len):
+        seen.update(num_tokens=num_tokens, num_seqs=num_seqs, num_rows=num_rows,
+                    norm_len=norm_len, loss_mat=loss_mat)
+        return loss_mat.amax(-1).sum() / num_seqs
+
+    loss = t([[1.0, 3.0, float("nan")], [6.0, float("inf"), 2.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    # the aggregation sees the loss with padding already selected to 0: max(1, 3) + max(6, 2)
+    assert_close(aggregate_loss(loss, mask, "test-seq-max"), t(4.5), atol=0, rtol=0)
+    assert torch.equal(seen["loss_mat"], t([[1.0, 3.0, 0.0], [6.0, 0.0, 2.0]]))
+    # this batch's defaults: 4 tokens, 2 sequences, B = 2 rows, norm_len = T = 3
+    assert (int(seen["num_tokens"]), int(seen["num_seqs"]), seen["num_rows"],
+            seen["norm_len"]) == (4, 2, 2, 3)
+    aggregate_loss(loss, mask, "test-seq-max", num_tokens=40, num_seqs=20, norm_len=7,
+                   num_rows=30)
+    assert (seen["num_tokens"], seen["num_seqs"], seen["num_rows"], seen["norm_len"]) == (
+        40, 20, 30, 7)

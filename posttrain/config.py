@@ -136,6 +136,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build config `cls` from a (nested) mapping, checking every key and type."""
     hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
+    if "imports" in names and data.get("imports"):
+        # first: the sections below may name what these modules register
+        import_user_modules(_coerce(data["imports"], hints["imports"], prefix + "imports"))
     kwargs = {}
     for key, value in data.items():
         if key not in names:
@@ -153,6 +156,37 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
+
+
+def import_user_modules(specs: Sequence[str]) -> None:
+    """Import each module of a config's `imports:`: a module name (found from the working
+    directory too) or a `.py` file (relative to the working directory). Importing registers
+    what the module decorates (a policy loss, an advantage estimator, ...)."""
+    import importlib
+    import importlib.util
+    import sys
+
+    for spec in specs:
+        if spec.endswith(".py"):
+            path = Path(spec).resolve()
+            if not path.is_file():
+                raise ConfigError(f"imports: {spec}: no such file (paths are relative to the "
+                                  f"working directory, {Path.cwd()})")
+            name = f"posttrain_user_{path.stem}"
+            if name in sys.modules:
+                continue
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+            continue
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            importlib.import_module(spec)
+        except ModuleNotFoundError as err:
+            raise ConfigError(f"imports: cannot import {spec!r} ({err}); give a module on the "
+                              "Python path or a .py file") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

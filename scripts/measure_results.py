@@ -18,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-PRESETS = ["ppo", "ppo_ptx", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp",
-           "reinforce_pp_baseline", "vc_ppo", "vapo"]
+from posttrain.pipeline import list_presets
+
+PRESETS = list_presets()
 
 
 def run(args: list[str], workdir: Path) -> float:

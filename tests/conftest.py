@@ -53,3 +53,11 @@ def preference_dir(pipeline_root):
     from posttrain import pipeline
 
     return pipeline.ensure_task("preference", pipeline_root)
+
+
+@pytest.fixture(scope="session")
+def arithmetic_sft_model(arithmetic_dir):
+    """The arithmetic task's SFT model (the RL trainers' start), trained once per session."""
+    from posttrain import pipeline
+
+    return pipeline.ensure_sft(arithmetic_dir, QUIET)

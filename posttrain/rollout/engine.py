@@ -10,7 +10,7 @@ import inspect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -52,10 +52,23 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
 
 
+@runtime_checkable
 class RolloutEngine(Protocol):
+    """Everything the trainers use of an engine.
+
+    `model` is the module the engine samples from (the policy itself, or a copy that
+    `update_weights` keeps in sync; the memory check counts it). `generate` returns an
+    Experience with `input_ids`, `attention_mask`, `response_mask`, `truncated`, `group_ids`
+    (prompt index per sample, samples of a prompt adjacent), `texts`, `prompts` and `meta`
+    repeated per sample, and `old_logp` when `sampling.return_logprobs`. `seeds` (one per
+    prompt) makes each prompt's group independent of the batch it is in.
+    """
+
+    model: nn.Module
+
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
                  prompts: Sequence[Any] = (), meta: dict[str, list[Any]] | None = None,
-                 ) -> Experience: ...
+                 seeds: Sequence[int] | None = None) -> Experience: ...
 
     def update_weights(self, named_tensors: Iterable[tuple[str, Tensor]]) -> None: ...
 

@@ -8,11 +8,18 @@ non-finite check; evaluation every N steps; metrics to JSONL/TensorBoard and the
 display; atomic checkpoints, exact resume and clean stops on SIGINT/SIGTERM.
 
 A trainer supplies the model(s) and four things: `item_length`, `step_totals`, `micro_loss`
-and `evaluate`.
+and `evaluate`. The loop knows no algorithm: one step is `train_step()`, which by default draws
+`run.batch_size` examples and makes one optimiser step of them through the accumulation
+primitive (`trainers/accumulate.py`); a trainer whose step is something else (RL: rollout,
+score, advantages, several optimiser steps) overrides `train_step` and calls the same
+primitive. What a trainer checkpoints (`trained`, `extra_state`), memory-checks
+(`memory_models`) and logs besides its metrics (`log_files`, `monitor_series`) are methods it
+provides.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,16 +45,19 @@ from posttrain.checkpoint import (
 from posttrain.config import doc, save_config
 from posttrain.data.collate import micro_batches_by_tokens
 from posttrain.data.loading import shuffled
-from posttrain.errors import CheckpointError, ConfigError, NonFiniteError
+from posttrain.errors import CheckpointError, ConfigError
 from posttrain.models.load import enable_gradient_checkpointing
 from posttrain.tracking.metrics import (
     MetricsLogger,
     Progress,
-    read_jsonl,
     read_metrics,
     truncate_jsonl,
 )
 from posttrain.tracking.monitors import MonitorLog
+from posttrain.trainers.accumulate import Accumulator, Job, backward, to_floats
+
+__all__ = ["LoopConfig", "OptimConfig", "RunConfig", "TrainResult", "Trainer", "lr_lambda",
+           "to_floats"]
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +83,13 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class LoopConfig:
+    """The loop's settings that every trainer shares (RL counts its batch in prompts, so it has
+    no `batch_size`: see `RunConfig`)."""
+
     output_dir: str = doc("Directory that holds runs.", "runs")
     name: str = doc("Run name; the run writes into output_dir/name.", "run")
     steps: int = doc("Optimiser steps to train.", 100)
-    batch_size: int = doc("Examples per optimiser step (global, over all micro-batches).", 8)
     micro_batch_tokens: int = doc(
         "Padded tokens per micro-batch (rows x longest row); gradients are accumulated over "
         "micro-batches, and the result does not depend on this value.", 4096)
@@ -107,16 +119,28 @@ class RunConfig:
         "gradients, optimiser state and log-softmax stay float32.", "fp32")
     parallel: Literal["ddp", "fsdp", "none"] = doc(
         "Under torchrun: replicate the trained models (ddp) or shard them (fsdp, FSDP2's "
-        "fully_shard). batch_size stays global; each rank takes its share.", "ddp")
+        "fully_shard). Batch sizes stay global; each rank takes its share.", "ddp")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch_tokens", "log_every"):
+        for name in ("steps", "micro_batch_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+@dataclass(frozen=True)
+class RunConfig(LoopConfig):
+    """The loop of the trainers that take a fixed number of examples per optimiser step."""
+
+    batch_size: int = doc("Examples per optimiser step (global, over all micro-batches).", 8)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.batch_size < 1:
+            raise ConfigError(f"run.batch_size must be >= 1, got {self.batch_size}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -179,21 +203,6 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-def _local(x: Tensor) -> Tensor:
-    """A scalar that may be an FSDP2 DTensor, as a plain tensor."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
-def to_floats(values: dict[str, Tensor | float]) -> dict[str, float]:
-    """Scalar tensors to Python floats in one device-to-host copy (one sync, not one each)."""
-    keys = [k for k, v in values.items() if isinstance(v, Tensor)]
-    out = {k: float(v) for k, v in values.items() if not isinstance(v, Tensor)}
-    if keys:
-        stacked = torch.stack([_local(values[k]).detach().float().reshape(()) for k in keys])
-        out.update(zip(keys, stacked.tolist(), strict=True))
-    return out
-
-
 def load_weights(model: nn.Module, directory: Path) -> None:
     """Load weights saved by `save_pretrained` (full model or peft adapters) into `model`;
     under FSDP2 the full tensors are scattered into the model's shards."""
@@ -232,7 +241,7 @@ class Trainer:
 
     kind = "train"
 
-    def __init__(self, config: Any, run: RunConfig, optim: OptimConfig) -> None:
+    def __init__(self, config: Any, run: LoopConfig, optim: OptimConfig) -> None:
         self.config = config
         self.run = run
         self.optim_cfg = optim
@@ -241,13 +250,16 @@ class Trainer:
         self.fwd: nn.Module | None = None  # the trained model as forward passes see it
         self.run_dir = run.run_dir
         self.step = 0
-        self.skipped_steps = 0
+        self.accumulators: dict[str, Accumulator] = {}  # by trained model, built with the optimiser
         self.callbacks: list[Callable[[Trainer, int, dict[str, float]], None]] = []
         self.history: list[dict[str, float]] = []  # logged metric rows, for the monitors
-        self.positions: list[dict[str, Any]] = []  # advantage by position (RL)
         self._progress: Progress | None = None
         self._order_cache: dict[int, list[int]] = {}
         torch.manual_seed(run.seed)
+        batch = getattr(run, "batch_size", None)
+        if self.dist.enabled and batch is not None and batch < self.dist.world_size:
+            raise ConfigError(f"run.batch_size ({batch}) is global and must be at least the "
+                              f"number of processes ({self.dist.world_size})")
 
     # ------------------------------------------------------------------ to implement
     train_items: Sequence[Any]
@@ -321,13 +333,45 @@ class Trainer:
             return
         from posttrain.models import memory
 
-        trained = [m for m in (self.model, getattr(self, "critic", None)) if m is not None]
-        engine = getattr(getattr(self, "engine", None), "model", None)
-        frozen = [m for m in (getattr(self, "reference", None), engine)
-                  if isinstance(m, nn.Module)]
+        trained, frozen = self.memory_models()
         est = memory.estimate(trained, frozen, self.run.precision,
                               self.run.gradient_checkpointing)
         memory.check_fits(est, self.run.micro_batch_tokens, self.device)
+
+    def memory_models(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(trained, frozen) models the device holds, for the memory check."""
+        frozen = getattr(self, "reference", None)
+        return [self.model], [frozen] if isinstance(frozen, nn.Module) else []
+
+    def log_files(self) -> tuple[str, ...]:
+        """The run's JSONL logs, cut back to the checkpoint's step on resume."""
+        return ("metrics.jsonl", "samples.jsonl", "alerts.jsonl")
+
+    def load_logs(self) -> None:
+        """Read back what the logs hold (after a resume) for the monitors."""
+        self.history = read_metrics(self.run_dir)
+
+    def monitor_series(self) -> dict[str, Any]:
+        """Series the monitors read besides the metric rows (RL: advantage by position)."""
+        return {}
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimiser steps dropped for a non-finite loss or gradient, over every model."""
+        return sum(acc.skipped for acc in self.accumulators.values())
+
+    def accumulator(self, name: str, optimizer: torch.optim.Optimizer, module: nn.Module,
+                    join: Job | None = None, prefix: str = "train/") -> Accumulator:
+        """The accumulation primitive for one trained model, with this run's settings."""
+        acc = Accumulator(name, optimizer, module, self.dist, self.autocast,
+                          self.optim_cfg.max_grad_norm, self.run.on_nonfinite, join, prefix,
+                          hint=self._checkpoint_hint)
+        self.accumulators[name] = acc
+        return acc
+
+    def _checkpoint_hint(self) -> str:
+        last = latest_checkpoint(self.run_dir / "checkpoints")
+        return f"Last good checkpoint: {last or 'none'}. "
 
     def autocast(self) -> torch.autocast:
         """The forward-pass context of `run.precision` (backward passes run outside it)."""
@@ -360,6 +404,7 @@ class Trainer:
         self.optimizer = self.adamw(self.parameters())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.optim_cfg, self.run.steps))
+        self.accumulator("model", self.optimizer, self.fwd or self.model)
 
     def adamw(self, params: list[nn.Parameter], lr: float | None = None
               ) -> torch.optim.AdamW:
@@ -407,63 +452,29 @@ class Trainer:
         """FSDP2: every rank holds a shard, so every rank joins every forward pass."""
         return self.dist.enabled and self.run.parallel == "fsdp"
 
-    def accumulate_gradients(self, items: Sequence[Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """Backward over this rank's micro-batches of the step; returns the step's loss and
-        metric sums, over all ranks.
-
-        `step_totals` sees the whole global batch, so every micro-batch loss is normalised by
-        global counts and the ranks' gradients sum to the full batch's gradient."""
+    def jobs(self, items: Sequence[Any]) -> list[Job]:
+        """This rank's micro-batch jobs of a step. `step_totals` sees the whole global batch,
+        so every micro-batch loss is normalised by global counts and the ranks' gradients sum
+        to the full batch's gradient."""
         totals = self.step_totals(items)
-        micros = self.micro_batches(self.dist.shard(items))
-        total_loss = torch.zeros((), device=self.device)
-        sums: dict[str, Tensor] = {}
-        scale = self.dist.loss_scale
-        for i, micro in enumerate(micros):
-            with distributed.no_sync(self.fwd or self.model, i < len(micros) - 1):
-                with self.autocast():
-                    loss, metrics = self.micro_loss(micro, totals)
-                (loss * scale if self.dist.enabled else loss).backward()
-            total_loss += loss.detach()
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
-        if self.dist.enabled:
-            total_loss = self.dist.all_reduce_sum(total_loss)
-            sums = self.dist.all_reduce_sum_dict(sums)
-        return total_loss, sums
+        return [functools.partial(self.micro_loss, micro, totals)
+                for micro in self.micro_batches(self.dist.shard(items))]
 
-    def optimizer_step(self, items: Sequence[Any]) -> dict[str, float]:
+    def accumulate_gradients(self, items: Sequence[Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Backward over this rank's micro-batches of the step (no optimiser step); returns
+        the step's loss and metric sums over all ranks."""
+        return backward(self.jobs(items), self.fwd or self.model, self.dist, self.autocast)
+
+    def train_step(self) -> tuple[dict[str, float], int]:
+        """One step of the loop: `run.batch_size` examples, one optimiser step. Returns the
+        metrics and the number of tokens processed (for tokens/s)."""
+        items = self.batch_for_step(self.step)
         self.model.train()
-        total_loss, sums = self.accumulate_gradients(items)
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        max_norm = self.optim_cfg.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # the step's one host sync: the finiteness check needs the values, and every metric
-        # comes along in the same copy
-        values = to_floats({"loss": total_loss, "norm": grad_norm, **{f"m:{k}": v
-                                                                     for k, v in sums.items()}})
-        loss_value, norm_value = values["loss"], values["norm"]
         lr = self.scheduler.get_last_lr()[0]
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-            if self.run.on_nonfinite == "stop":
-                last = latest_checkpoint(self.run_dir / "checkpoints")
-                value = loss_value if what == "loss" else norm_value
-                raise NonFiniteError(
-                    f"step {self.step + 1}: the {what} is {value}; no weights were written. "
-                    f"Last good checkpoint: {last or 'none'}. Lower optim.lr, check the data, "
-                    "or set run.on_nonfinite=skip"
-                )
-            self.skipped_steps += 1
-            log.warning("step %d: non-finite %s, step skipped", self.step + 1, what)
-            self.scheduler.step()
-            return {"train/loss": loss_value, "train/skipped": 1.0}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        out = {"train/loss": loss_value, "train/grad_norm": norm_value, "train/lr": lr}
-        out.update({f"train/{k}" if "/" not in k else k: values[f"m:{k}"] for k in sums})
-        return out
+        metrics = self.accumulators["model"].step(self.jobs(items), self.step + 1)
+        self.scheduler.step()  # a skipped step still advances the schedule
+        metrics["train/lr"] = lr
+        return metrics, self.step_tokens(items)
 
     def model_state(self, model: nn.Module) -> dict[str, Tensor] | None:
         """The full state dict of a trained model on rank 0 (gathered from the shards under
@@ -532,7 +543,8 @@ class Trainer:
             torch.save(scheduler.state_dict(), directory / f"{prefix}scheduler.pt")
         for rank, state in enumerate(payload["rngs"]):
             save_rng(directory / ("rng.pt" if rank == 0 else f"rng_rank{rank}.pt"), state)
-        state = {"step": self.step, "skipped_steps": self.skipped_steps,
+        state = {"step": self.step, "skipped": {n: a.skipped for n, a in
+                                                self.accumulators.items()},
                  "world_size": self.dist.world_size, "extra": self.extra_state()}
         (directory / "state.json").write_text(json.dumps(state))
 
@@ -559,7 +571,9 @@ class Trainer:
         # 0's generator state (the data order does not depend on it).
         load_rng(own if own.exists() and self.dist.rank else directory / "rng.pt")
         self.step = state["step"]
-        self.skipped_steps = state.get("skipped_steps", 0)
+        for name, count in state.get("skipped", {}).items():
+            if name in self.accumulators:
+                self.accumulators[name].skipped = count
         self.load_extra_state(state.get("extra", {}))
 
     def train(self) -> TrainResult:
@@ -569,9 +583,6 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
         self.dist.barrier()
-        if self.dist.enabled and self.run.batch_size < self.dist.world_size and self.kind != "rl":
-            raise ConfigError(f"run.batch_size ({self.run.batch_size}) is global and must be at "
-                              f"least the number of processes ({self.dist.world_size})")
         self.build_optimizer()
         self.check_memory()
         if self.run.resume:
@@ -587,12 +598,10 @@ class Trainer:
         logger = _Logger(self.run_dir, self.run.tensorboard, main)
         if main:
             # A fresh run starts its logs afresh; a resumed one drops what it will redo.
-            for name in ("metrics.jsonl", "samples.jsonl", "advantage_by_position.jsonl",
-                         "alerts.jsonl"):
+            for name in self.log_files():
                 truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
         self.dist.barrier()
-        self.history = read_metrics(self.run_dir)
-        self.positions = read_jsonl(self.run_dir / "advantage_by_position.jsonl")
+        self.load_logs()
         monitors = MonitorLog(self.run_dir) if main else None
         progress = Progress(self.run.steps, self.kind, self.run.progress if main else "none",
                             start=self.step)
@@ -607,12 +616,11 @@ class Trainer:
             with _StopRequest() as stop:
                 while self.step < self.run.steps:
                     t0 = time.time()
-                    items = self.batch_for_step(self.step)
-                    metrics = self.optimizer_step(items)
+                    metrics, tokens = self.train_step()
                     self.step += 1
                     seconds = time.time() - t0
                     metrics["perf/step_seconds"] = seconds
-                    metrics["perf/tokens_per_second"] = self.step_tokens(items) / seconds
+                    metrics["perf/tokens_per_second"] = tokens / seconds
                     if self.run.eval_every and self.step % self.run.eval_every == 0 \
                             and self.step < self.run.steps:
                         self.phase("eval")
@@ -623,7 +631,7 @@ class Trainer:
                         progress.update(self.step, {k: row[k] for k in self.progress_keys
                                                     if k in row})
                         if monitors is not None:
-                            monitors.update(self.history, self.positions)
+                            monitors.update(self.history, **self.monitor_series())
                     for callback in self.callbacks:
                         callback(self, self.step, metrics)
                     if self.run.save_every and self.step % self.run.save_every == 0:
@@ -640,7 +648,7 @@ class Trainer:
                     self.history.append({"step": self.step,
                                          **logger.log(self.step, eval_metrics)})
                     if monitors is not None:
-                        monitors.update(self.history, self.positions)
+                        monitors.update(self.history, **self.monitor_series())
                 self.before_final()
                 self.checkpoint()
                 final = self.run_dir / "final"

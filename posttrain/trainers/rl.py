@@ -1,18 +1,24 @@
 """One RL trainer for every preset: PPO, PPO-ptx, GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++,
-REINFORCE++-baseline, VC-PPO and VAPO differ only in `AlgoConfig` fields.
+REINFORCE++-baseline, VC-PPO, VAPO, GSPO, CISPO and SAPO differ only in `AlgoConfig` fields.
 
     step = rollout -> score -> shape -> advantages -> update -> (log, checkpoint)
 
-Every formula lives in `posttrain.algos`; this file only wires the phases together.
+Every formula lives in `posttrain.algos` (the loss of a micro-batch is
+`algos.objective.policy_objective`); every optimiser step goes through the accumulation
+primitive (`trainers/accumulate.py`); this file only wires the phases together. Each
+algorithm choice is a string looked up in its registry, so a loss or estimator that a user
+registers (config key `imports:`) is chosen from YAML like a built-in one.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,13 +29,13 @@ from posttrain import algos, distributed
 from posttrain.algos import (
     ADVANTAGE_ESTIMATORS,
     POLICY_LOSSES,
-    aggregate_loss,
     compute_advantages,
     kl_estimate,
     masked_mean,
     masked_sum,
     whiten_advantages,
 )
+from posttrain.algos.objective import StepCounts, lm_objective, policy_objective, value_objective
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedExample,
@@ -58,10 +64,14 @@ from posttrain.models.load import (
     save_model,
 )
 from posttrain.rewards.build import build_rewards, resolve_path
-from posttrain.rollout.engine import ENGINES, SamplingConfig
+from posttrain.rollout.engine import ENGINES, RolloutEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
-from posttrain.trainers.base import OptimConfig, RunConfig, Trainer, lr_lambda, to_floats
+from posttrain.tracking.metrics import read_jsonl
+from posttrain.trainers.accumulate import join_job
+from posttrain.trainers.base import LoopConfig, OptimConfig, Trainer, lr_lambda
 from posttrain.trainers.common import DataConfig, ModelConfig, report_truncation
+
+log = logging.getLogger(__name__)
 
 Metrics = dict[str, float]
 
@@ -70,32 +80,45 @@ Metrics = dict[str, float]
 class AlgoConfig:
     """The choices that make an algorithm (ALGORITHMS.md section 8)."""
 
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
-                       "reinforce_pp_baseline"] = doc("Advantage estimator.", "grpo")
+    advantage: str = doc("Advantage estimator (a name in algos.ADVANTAGE_ESTIMATORS: gae, "
+                         "grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, or one "
+                         "you register).", "grpo")
     gamma: float = doc("Discount γ.", 1.0)
     lam: float = doc("GAE λ of the policy's advantages (λ_actor).", 0.95)
     critic_lam: float | None = doc("GAE λ of the critic's returns (decoupled GAE; null: = lam).",
                                    None)
-    lambda_schedule: Literal["fixed", "length_adaptive"] = doc(
-        "fixed λ, or VAPO's length-adaptive λ = 1 − 1/(α·|y|).", "fixed")
+    lambda_schedule: str = doc(
+        "λ schedule (algos.LAMBDA_SCHEDULES): fixed λ, or VAPO's length_adaptive "
+        "λ = 1 − 1/(α·|y|).", "fixed")
     length_alpha: float = doc("α of the length-adaptive λ.", 0.05)
-    whiten: Literal["none", "group", "global"] = doc("Advantage whitening.", "none")
+    whiten: str = doc("Advantage whitening (algos.WHITEN_MODES): none, group, global.", "none")
     kl_placement: Literal["none", "reward", "loss"] = doc(
         "KL to the reference: off, as a token-level penalty in the reward, or a loss term.",
         "loss")
-    kl_estimator: Literal["k1", "k2", "k3"] = doc("KL estimator (reward placement uses k1).",
-                                                  "k3")
+    kl_estimator: str = doc("KL estimator of the loss placement (algos.KL_ESTIMATORS: k1, k2, "
+                            "k3); the reward placement uses k1.", "k3")
     kl_coef: float = doc("KL coefficient β (the start value for adaptive controllers).", 0.04)
-    kl_controller: Literal["fixed", "adaptive", "ppo_adaptive"] = doc(
-        "fixed β, the proportional controller (Ziegler et al.), or the PPO-paper rule.", "fixed")
+    kl_controller: str = doc(
+        "KL controller (algos.KL_CONTROLLERS): fixed β, adaptive (the proportional controller "
+        "of Ziegler et al.), or ppo_adaptive (the PPO-paper rule).", "fixed")
     kl_target: float | None = doc("Target KL per sequence for adaptive controllers.", None)
     kl_horizon: float = doc("Horizon of the proportional controller.", 10000.0)
-    policy_loss: Literal["clipped", "unclipped"] = doc("Surrogate loss.", "clipped")
-    clip_low: float = doc("ε_low of the clipped ratio.", 0.2)
+    policy_loss: str = doc(
+        "Surrogate loss (algos.POLICY_LOSSES): clipped, unclipped, gspo, gspo_token, cispo, "
+        "sapo, or one you register.", "clipped")
+    clip_low: float = doc("ε_low of the clipped ratio (GSPO: of the sequence ratio; CISPO: of "
+                          "the importance weight).", 0.2)
     clip_high: float = doc("ε_high of the clipped ratio (clip-higher: 0.28).", 0.2)
     dual_clip: float | None = doc("Dual-clip constant c for A < 0 (null: off).", None)
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = doc(
-        "How the per-token loss becomes a scalar.", "seq-mean-token-mean")
+    tau_pos: float = doc("SAPO: temperature of the soft gate for positive advantages.", 1.0)
+    tau_neg: float = doc("SAPO: temperature of the soft gate for negative advantages.", 1.05)
+    aggregation: str = doc(
+        "How the per-token policy loss becomes a scalar (algos.AGGREGATIONS): token-mean, "
+        "seq-mean-token-mean, seq-mean-token-sum-norm. The KL-in-loss and entropy terms use it "
+        "too.", "seq-mean-token-mean")
+    value_aggregation: str | None = doc(
+        "Aggregation of the critic's value loss, in RL and in value pretraining (null: the "
+        "policy's `aggregation`).", None)
     epochs: int = doc("Update epochs over each rollout batch (K).", 1)
     mini_batches: int = doc("Optimiser steps per epoch (the batch is split in this many).", 1)
     entropy_coef: float = doc("Entropy bonus coefficient c_ent.", 0.0)
@@ -115,8 +138,9 @@ class AlgoConfig:
     value_clip: float | None = doc("ε_v of the clipped value loss (null: off).", 0.2)
     value_pretrain_steps: int = doc("Steps fitting the critic to Monte-Carlo returns with the "
                                     "policy frozen, before RL (VC-PPO/VAPO).", 0)
-    value_pretrain_patience: int = doc("Stop value pretraining when explained variance has not "
-                                       "improved by 0.01 for this many steps.", 10)
+    value_pretrain_patience: int = doc(
+        "Stop value pretraining when neither the explained variance (by 0.01) nor the value "
+        "loss (by 1%) has improved for this many steps.", 10)
     recompute_old_logprobs: bool = doc(
         "Recompute π_old log-probs with a no-grad pass even on-policy (one epoch, one "
         "mini-batch). Off: the update's own forward gives them (ratio 1, as recomputing "
@@ -126,12 +150,16 @@ class AlgoConfig:
                                  False)
     max_sampling_rounds: int = doc("Rollout rounds tried to fill a batch (dynamic sampling).", 4)
     overlong: Literal["none", "penalty", "mask"] = doc(
-        "Responses that hit max_new_tokens: keep, soft length penalty (DAPO), or mask out.",
-        "none")
+        "Responses that hit max_new_tokens: keep, soft length penalty (DAPO), or mask out (a "
+        "masked response gets no loss and is left out of its group's statistics).", "none")
     overlong_cache: int = doc("L_cache of the soft overlong penalty, in tokens.", 4)
     overlong_penalty: float = doc("Penalty at and beyond the limit.", 1.0)
 
     def __post_init__(self) -> None:
+        for name, registry in _CHOICES.items():
+            _check_choice(name, registry(), getattr(self, name))
+        if self.value_aggregation is not None:
+            _check_choice("value_aggregation", algos.AGGREGATIONS, self.value_aggregation)
         if self.value_pretrain_steps > 0 and not self.needs_critic:
             raise ConfigError(f"algo.value_pretrain_steps needs a critic, but the advantage "
                               f"estimator {self.advantage!r} uses none (use gae)")
@@ -141,6 +169,24 @@ class AlgoConfig:
             raise ConfigError(f"algo.kl_controller={self.kl_controller} needs algo.kl_target")
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ConfigError("algo.ptx_coef > 0 needs algo.ptx_data (text or SFT data)")
+        if self.on_policy and getattr(POLICY_LOSSES.get(self.policy_loss), "needs_off_policy",
+                                      False):
+            # GSPO's sequence ratio is exactly 1 on the policy that sampled: one on-policy
+            # update would clip nothing and train a plain sequence-level REINFORCE (TRL #3834)
+            raise ConfigError(
+                f"algo.policy_loss={self.policy_loss} needs more than one update per rollout "
+                "batch (its ratio is 1 on-policy): set algo.mini_batches >= 2 or "
+                "algo.epochs >= 2")
+
+    @property
+    def value_loss_aggregation(self) -> str:
+        return self.value_aggregation or self.aggregation
+
+    @property
+    def loss_params(self) -> dict[str, float | None]:
+        """The numbers a policy loss may declare (each gets those it takes)."""
+        return {"clip_low": self.clip_low, "clip_high": self.clip_high,
+                "dual_clip": self.dual_clip, "tau_pos": self.tau_pos, "tau_neg": self.tau_neg}
 
     @property
     def on_policy(self) -> bool:
@@ -150,6 +196,30 @@ class AlgoConfig:
     @property
     def needs_critic(self) -> bool:
         return ADVANTAGE_ESTIMATORS.get(self.advantage).needs_values
+
+    @property
+    def needs_groups(self) -> bool:
+        return ADVANTAGE_ESTIMATORS.get(self.advantage).needs_groups
+
+
+# Every string choice of AlgoConfig and the registry that validates it (looked up lazily, so a
+# module named in `imports:` has registered its entries before a config is built).
+_CHOICES = {
+    "advantage": lambda: ADVANTAGE_ESTIMATORS,
+    "policy_loss": lambda: POLICY_LOSSES,
+    "aggregation": lambda: algos.AGGREGATIONS,
+    "whiten": lambda: algos.WHITEN_MODES,
+    "kl_estimator": lambda: algos.KL_ESTIMATORS,
+    "kl_controller": lambda: algos.KL_CONTROLLERS,
+    "lambda_schedule": lambda: algos.LAMBDA_SCHEDULES,
+}
+
+
+def _check_choice(name: str, registry, value: str) -> None:
+    try:
+        registry.get(value)
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -209,11 +279,22 @@ class RLConfig:
     algo: AlgoConfig = doc("The algorithm.", default_factory=AlgoConfig)
     rollout: RolloutConfig = doc("Sampling.", default_factory=RolloutConfig)
     optim: OptimConfig = doc("Policy optimiser.", default_factory=lambda: OptimConfig(lr=1e-5))
-    run: RunConfig = doc("The loop (run.steps counts RL steps).",
-                         default_factory=lambda: RunConfig(name="rl"))
+    run: LoopConfig = doc("The loop (run.steps counts RL steps; the batch is "
+                          "rollout.prompts_per_step x rollout.samples_per_prompt).",
+                          default_factory=lambda: LoopConfig(name="rl"))
     eval: RLEvalConfig = doc("Held-out evaluation.", default_factory=RLEvalConfig)
     reference: str | None = doc("Reference model (default: model.path).", None)
     preset: str | None = doc("The preset this config started from (informational).", None)
+    imports: list[str] = doc(
+        "Python modules (names, or .py files relative to the working directory) imported "
+        "before the config is checked, so the losses, estimators and aggregations they "
+        "register can be named in `algo`.", default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.algo.needs_groups and self.rollout.samples_per_prompt < 2:
+            raise ConfigError(
+                f"algo.advantage={self.algo.advantage} compares the samples of a prompt: it "
+                f"needs rollout.samples_per_prompt >= 2, got {self.rollout.samples_per_prompt}")
 
 
 class RLTrainer(Trainer):
@@ -244,30 +325,35 @@ class RLTrainer(Trainer):
                         if config.reward.gold else None)
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
-        r = config.rollout
+        self.engine = self._build_engine(config.rollout)
+        self._load_data(config)
+        self.prompt_cursor = 0
+        self.value_pretrained = a.value_pretrain_steps == 0
+        self._order: tuple[int, list[int]] | None = None
+        self.positions: list[dict[str, Any]] = []  # mean advantage by token position, per step
+
+    def _build_engine(self, r: RolloutConfig) -> RolloutEngine:
         rollout_model = self.model
         if self.run.precision == "bf16" and r.engine == "lean":
             # bf16 weights of its own for sampling (synced before each rollout), rather than
             # autocast re-casting every fp32 weight at every decode step
             rollout_model = copy.deepcopy(self.model).to(torch.bfloat16).requires_grad_(False)
-        self.engine = ENGINES[r.engine](rollout_model, self.tokenizer.pad_token_id,
-                                        self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
-                                        **({"compile": True} if r.compile else {}))
-        train = load_examples(config.data.train, "prompt", config.data.split, config.data.limit)
-        held = load_examples(config.data.eval, "prompt", config.data.split) if config.data.eval \
-            else []
-        policy = config.data.truncation
+        return ENGINES[r.engine](rollout_model, self.tokenizer.pad_token_id,
+                                 self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
+                                 **({"compile": True} if r.compile else {}))
+
+    def _load_data(self, config: RLConfig) -> None:
+        d = config.data
+        train = load_examples(d.train, "prompt", d.split, d.limit)
+        held = load_examples(d.eval, "prompt", d.split) if d.eval else []
         stats = TokenStats()
-        self.train_items = tokenize_prompts(train, self.tokenizer, policy, stats)
-        report_truncation(stats, config.data)
-        self.eval_items = tokenize_prompts(held, self.tokenizer, policy)[: config.eval.prompts]
+        self.train_items = tokenize_prompts(train, self.tokenizer, d.truncation, stats)
+        report_truncation(stats, d)
+        self.eval_items = tokenize_prompts(held, self.tokenizer, d.truncation)[
+            : config.eval.prompts]
         self.ptx_items: list[TokenizedExample] = []
-        if a.ptx_coef > 0:
-            self.ptx_items = tokenize_sft(load_examples(a.ptx_data), self.tokenizer)
-        self.prompt_cursor = 0
-        self._generated_tokens = 0
-        self.value_pretrained = a.value_pretrain_steps == 0
-        self._order: tuple[int, list[int]] | None = None
+        if self.algo.ptx_coef > 0:
+            self.ptx_items = tokenize_sft(load_examples(self.algo.ptx_data), self.tokenizer)
 
     def _critic_source(self) -> tuple[str, str]:
         a, cfg = self.algo, self.config
@@ -288,13 +374,18 @@ class RLTrainer(Trainer):
         if self.run.gradient_checkpointing and self.critic is not None:
             enable_gradient_checkpointing(self.critic)  # before DDP wraps it, as the policy
         super().build_optimizer()
+        pad = self.tokenizer.pad_token_id
+        self.accumulators["model"].join = join_job(self.fwd, pad, self.device)
         self.critic_optimizer = None
         if self.critic is not None:
-            o = self.optim_cfg
+            o, a = self.optim_cfg, self.algo
             self.critic_optimizer = self.adamw(
-                [p for p in self.critic.parameters() if p.requires_grad], self.algo.critic_lr)
+                [p for p in self.critic.parameters() if p.requires_grad], a.critic_lr)
+            # value pretraining steps the critic's schedule too: its warm-up happens there
             self.critic_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.critic_optimizer, lr_lambda(o, self.run.steps))
+                self.critic_optimizer, lr_lambda(o, self.run.steps + a.value_pretrain_steps))
+            self.accumulator("critic", self.critic_optimizer, self.critic_fwd,
+                             join=join_job(self.critic_fwd, pad, self.device), prefix="value/")
 
     def prepare_parallel(self) -> None:
         if self.sharded:
@@ -314,6 +405,12 @@ class RLTrainer(Trainer):
             out["critic"] = (self.critic, self.critic_optimizer, self.critic_scheduler)
         return out
 
+    def memory_models(self) -> tuple[list[torch.nn.Module], list[torch.nn.Module]]:
+        trained = [m for m in (self.model, self.critic) if m is not None]
+        frozen = [m for m in (self.reference, self.engine.model)
+                  if isinstance(m, torch.nn.Module) and m is not self.model]
+        return trained, frozen
+
     def save_final(self, directory: Path, states: dict[str, Any]) -> None:
         super().save_final(directory, states)
         if self.critic is not None:
@@ -328,16 +425,20 @@ class RLTrainer(Trainer):
         self.prompt_cursor = state["prompt_cursor"]
         self.value_pretrained = state["value_pretrained"]
 
+    def log_files(self) -> tuple[str, ...]:
+        return (*super().log_files(), "advantage_by_position.jsonl")
+
+    def load_logs(self) -> None:
+        super().load_logs()
+        self.positions = read_jsonl(self.run_dir / "advantage_by_position.jsonl")
+
+    def monitor_series(self) -> dict[str, Any]:
+        return {"positions": self.positions}
+
     # ----------------------------------------------------------------- the step
     progress_keys = ("reward/mean", "eval/reward", "kl/ref_seq", "perf/tokens_per_second")
 
-    def step_tokens(self, items: Sequence[Any]) -> int:
-        return self._generated_tokens  # sampled response tokens of the step
-
-    def batch_for_step(self, step: int) -> list[Any]:
-        return []  # prompts are drawn inside the step (dynamic sampling may take more)
-
-    def optimizer_step(self, items: Sequence[Any]) -> Metrics:
+    def train_step(self) -> tuple[Metrics, int]:
         if not self.value_pretrained:
             self.pretrain_values()
         exp, metrics = self.collect()                 # rollout + score (+ dynamic sampling)
@@ -349,13 +450,15 @@ class RLTrainer(Trainer):
         metrics = self.dist.all_reduce_mean(metrics)  # every rank's share, averaged
         metrics["kl/coef"] = self.kl_ctl.value
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
-        self._generated_tokens = int(exp.response_lengths.sum())
-        self.kl_ctl.update(metrics["kl/ref_seq"], len(exp))
+        if "kl/ref_seq" in metrics:  # the controller sees the whole step's sample count
+            samples = self.dist.all_reduce_sum(torch.tensor(float(len(exp)),
+                                                            device=self.device))
+            self.kl_ctl.update(metrics["kl/ref_seq"], int(samples))
         self.scheduler.step()
         if self.critic is not None:
             self.critic_scheduler.step()
         self.log_samples(exp)
-        return metrics
+        return metrics, int(exp.response_lengths.sum())  # sampled tokens, for tokens/s
 
     # -- rollout and score
     def next_prompts(self, n: int) -> list[tuple[list[int], Example]]:
@@ -379,15 +482,13 @@ class RLTrainer(Trainer):
                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=seed,
                                   return_logprobs=self.reuse_old_logprobs)
-        columns = sorted({k for _, ex in prompts for k in ex.extra})
-        meta = {k: [ex.extra.get(k) for _, ex in prompts] for k in columns}
         indices = list(indices) if indices is not None else list(range(len(prompts)))
         seeds = [(seed * 7919 + i) % (2**31) for i in indices] if r.seed_per_prompt else None
         self.sync_engine()
         with self.autocast():
             exp = self.engine.generate([ids for ids, _ in prompts], sampling,
-                                       prompts=[ex.prompt for _, ex in prompts], meta=meta,
-                                       seeds=seeds)
+                                       prompts=[ex.prompt for _, ex in prompts],
+                                       meta=_columns([ex for _, ex in prompts]), seeds=seeds)
         group = torch.as_tensor(indices, device=exp.group_ids.device)
         return exp.replace(group_ids=group.repeat_interleave(r.samples_per_prompt))
 
@@ -398,46 +499,60 @@ class RLTrainer(Trainer):
         return torch.tensor(result.total, dtype=torch.float32, device=self.device), metrics
 
     def collect(self) -> tuple[Experience, Metrics]:
-        """Rollout and score this rank's share of the step's prompts; with dynamic sampling,
-        keep only groups with reward variance and sample more prompts until the batch is full
-        (or the rounds run out). Every rank draws the same global prompts and takes its
-        share, so the data stream does not depend on the number of ranks."""
+        """Rollout and score this rank's share of the step's prompts. With dynamic sampling
+        (DAPO) only groups whose rewards differ are kept, and more prompts are sampled until
+        `prompts_per_step` groups are kept or `max_sampling_rounds` run out; the metrics say
+        how many groups the update trains on (none, when every group was all-equal: their
+        advantages are 0, so there is nothing to learn from). Every rank draws the same
+        global prompts and takes its share, so the data stream does not depend on the number
+        of ranks."""
         r, a, dist = self.config.rollout, self.algo, self.dist
         parts: list[Experience] = []
-        kept_groups, metrics = 0, {}
+        kept = sampled = 0
         rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
-        last: Experience | None = None
         for round_ in range(rounds):
-            need = r.prompts_per_step - kept_groups
+            need = r.prompts_per_step - kept
             need += -need % dist.world_size  # every rank gets at least one prompt
-            seed = (self.run.seed * 1_000_003 + self.step * 101 + round_) % (2**31)
-            first = self.prompt_cursor
-            prompts = self.next_prompts(need)
-            mine = dist.shard(list(zip(range(first, first + need), prompts, strict=True)))
-            self.phase("rollout")
-            exp = self.rollout([p for _, p in mine], seed, [i for i, _ in mine])
-            self.phase("reward")
-            with self.autocast():
-                scores, metrics = self.rewards(exp)
-            exp = last = exp.replace(scores=scores)
+            exp, metrics = self._sample_round(need, round_)
             if a.dynamic_sampling:
                 keep = _groups_with_variance(exp.scores, exp.group_ids)
-                metrics["sampling/kept_fraction"] = float(keep.float().mean())
                 exp = exp.select(torch.nonzero(keep).flatten().cpu())
-            if len(exp):
-                parts.append(exp)
-            local = torch.tensor(float(len(exp) // r.samples_per_prompt))
-            kept_groups += int(dist.all_reduce_sum(local).item())
-            if kept_groups >= r.prompts_per_step:
+            parts.append(exp)
+            groups = torch.tensor(float(len(exp) // r.samples_per_prompt), device=self.device)
+            kept += int(dist.all_reduce_sum(groups).item())
+            sampled += need
+            if kept >= r.prompts_per_step:
                 break
-        if not parts:
-            # every group this rank sampled had equal rewards: its advantages are zero, but
-            # the batch is kept (unfiltered) so that every rank has something to update on
-            parts = [last]
         exp = Experience.concat(parts, self.tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
         metrics["sampling/rounds"] = float(round_ + 1)
+        if a.dynamic_sampling:
+            metrics.update(self._sampling_report(kept, sampled))
         self.phase("score")
         return self.score(exp.to(self.device)), metrics
+
+    def _sample_round(self, need: int, round_: int) -> tuple[Experience, Metrics]:
+        """Sample and score this rank's share of the next `need` prompts."""
+        seed = (self.run.seed * 1_000_003 + self.step * 101 + round_) % (2**31)
+        first = self.prompt_cursor
+        prompts = self.next_prompts(need)
+        mine = self.dist.shard(list(zip(range(first, first + need), prompts, strict=True)))
+        self.phase("rollout")
+        exp = self.rollout([p for _, p in mine], seed, [i for i, _ in mine])
+        self.phase("reward")
+        with self.autocast():
+            scores, metrics = self.rewards(exp)
+        return exp.replace(scores=scores), metrics
+
+    def _sampling_report(self, kept: int, sampled: int) -> Metrics:
+        target = self.config.rollout.prompts_per_step
+        if kept < target and self.dist.is_main:
+            what = "nothing (every group's rewards were equal)" if kept == 0 else \
+                f"{kept} of {target} groups"
+            log.warning("step %d: dynamic sampling kept %s after %d sampled groups; the "
+                        "update trains on that", self.step + 1, what, sampled)
+        return {"sampling/kept_fraction": kept / sampled,  # over every round of the step
+                "sampling/groups_trained": float(kept),
+                "sampling/filled": min(kept / target, 1.0)}
 
     @property
     def reuse_old_logprobs(self) -> bool:
@@ -463,13 +578,18 @@ class RLTrainer(Trainer):
                 if self.critic is not None:
                     values.append(response_values(self.critic, ids, att, exp.response_len))
         self.model.train()
+        mask = exp.response_mask
 
-        def cat(parts):
-            return torch.cat(parts).float() * exp.response_mask if parts else None
+        def cat(parts: list[Tensor], wanted: bool) -> Tensor | None:
+            if not wanted:
+                return None
+            full = torch.cat(parts).float() if parts else torch.zeros(mask.shape,
+                                                                     device=mask.device)
+            return torch.where(mask, full, torch.zeros_like(full))
 
-        old_logp = exp.old_logp.float() * exp.response_mask if self.reuse_old_logprobs \
-            else cat(old)
-        return exp.replace(old_logp=old_logp, ref_logp=cat(ref), values=cat(values))
+        old_logp = cat([exp.old_logp] if self.reuse_old_logprobs and len(exp) else old, True)
+        return exp.replace(old_logp=old_logp, ref_logp=cat(ref, self.reference is not None),
+                           values=cat(values, self.critic is not None))
 
     def _micro_indices(self, exp: Experience) -> list[list[int]]:
         """Consecutive rows, as many as fit the token budget (all rows have the same width)."""
@@ -491,8 +611,9 @@ class RLTrainer(Trainer):
             mask = mask & ~exp.truncated[:, None]
         if a.reward_clip is not None:
             scores = scores.clamp(-a.reward_clip, a.reward_clip)
-        if a.reward_whiten:
-            scores = algos.masked_whiten(scores, torch.ones_like(scores), shift_mean=False)
+        if a.reward_whiten:  # statistics of the whole batch, over every rank
+            scores = algos.masked_whiten(scores, torch.ones_like(scores), shift_mean=False,
+                                         reduce=self._reduce)
         if a.kl_placement == "reward":
             kl = kl_estimate(exp.old_logp, exp.ref_logp, "k1")
             token_rewards = algos.kl_penalized_rewards(scores, kl, mask, self.kl_ctl.value)
@@ -501,22 +622,34 @@ class RLTrainer(Trainer):
                                                           scores, mask)
         return exp.replace(response_mask=mask, token_rewards=token_rewards)
 
+    @property
+    def _reduce(self):
+        return self.dist.all_reduce_sum if self.dist.enabled else None
+
     # -- advantages
     def advantages(self, exp: Experience) -> Experience:
         a = self.algo
-        lam = algos.policy_lambda(a.lambda_schedule, exp.response_mask, a.lam, a.length_alpha)
-        adv, returns = compute_advantages(
-            a.advantage, exp.token_rewards, exp.response_mask, values=exp.values,
-            group_ids=exp.group_ids, gamma=a.gamma, lam=lam, critic_lam=a.critic_lam)
+        returns = None
+        if len(exp):
+            lam = algos.policy_lambda(a.lambda_schedule, exp.response_mask, a.lam,
+                                      a.length_alpha)
+            adv, returns = compute_advantages(
+                a.advantage, exp.token_rewards, exp.response_mask, values=exp.values,
+                group_ids=exp.group_ids, gamma=a.gamma, lam=lam, critic_lam=a.critic_lam)
+        else:  # dynamic sampling kept nothing here: this rank trains on no row
+            adv = torch.zeros_like(exp.token_rewards)
+            returns = torch.zeros_like(adv) if self.critic is not None else None
         # global whitening uses statistics of the whole batch, over every rank
         adv = whiten_advantages(adv, exp.response_mask, a.whiten, exp.group_ids,
-                                reduce=self.dist.all_reduce_sum if self.dist.enabled else None)
+                                reduce=self._reduce)
         return exp.replace(advantages=adv, returns=returns)
 
     # -- update
     def update(self, exp: Experience) -> Metrics:
+        """`algo.epochs` passes over the batch in `algo.mini_batches` shuffled mini-batches,
+        one optimiser step (policy, and critic) per mini-batch; metrics are averaged."""
         a = self.algo
-        sums: dict[str, float] = {}
+        sums: Metrics = {}
         count = 0
         n = len(exp)
         mini = max(1, math.ceil(n / a.mini_batches))
@@ -524,200 +657,147 @@ class RLTrainer(Trainer):
         for _ in range(a.epochs):
             order = torch.randperm(n, generator=gen) if a.epochs > 1 or a.mini_batches > 1 \
                 else torch.arange(n)
-            for s in range(0, n, mini):
-                batch = exp.select(order[s : s + mini])
-                metrics = self.update_minibatch(batch)
-                for k, v in metrics.items():
+            for s in range(0, max(n, 1), mini):  # an empty batch still joins the all-reduce
+                for k, v in self.update_minibatch(exp.select(order[s : s + mini])).items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
         return {k: v / count for k, v in sums.items()}
 
     def update_minibatch(self, batch: Experience) -> Metrics:
-        """One optimiser step of the policy (and critic) on this rank's share of a
-        mini-batch. Token and sequence counts are global, so the ranks' gradients sum to the
-        mini-batch's; under DDP each model synchronises once, on its last backward."""
-        a, dist = self.algo, self.dist
-        mask = batch.response_mask
-        counts = dist.all_reduce_sum(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum()]).float())
-        totals = {"tokens": max(int(counts[0]), 1), "seqs": max(int(counts[1]), 1)}
-        positive = algos.positive_example_mask(mask, batch.scores, a.positive_threshold) \
-            if a.positive_lm_coef > 0 else None
-        pos_tokens = max(int(dist.all_reduce_sum(positive.sum().float())), 1) \
-            if positive is not None else 1
-        scale = dist.loss_scale if dist.enabled else 1.0
-        micros = self._micro_indices(batch) if len(batch) else []
-        ptx = self._ptx_micro_batches() if a.ptx_coef > 0 else ([], 1)
-        policy_jobs = len(micros) + len(ptx[0])
-        sums: dict[str, Tensor] = {}
-        t = self.config.rollout.temperature or 1.0
-        for j, idx in enumerate(micros):
-            mb = batch.select(idx)
-            m = mb.response_mask
-            with distributed.no_sync(self.fwd, j < policy_jobs - 1):
-                with self.autocast():
-                    logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
-                                                      mb.response_len, t, with_entropy=True,
-                                                      packed=self.run.padding_free)
-                # on-policy, π_old is this very forward pass (ratio 1, gradient A·∇log π)
-                old = logp.detach() if self.reuse_old_logprobs else mb.old_logp
-                loss_mat, pm = POLICY_LOSSES.get(a.policy_loss)(
-                    logp, old, mb.advantages, m, clip_low=a.clip_low,
-                    clip_high=a.clip_high, dual_clip=a.dual_clip)
-                if a.kl_placement == "loss":
-                    loss_mat = loss_mat + self.kl_ctl.value * kl_estimate(
-                        logp, mb.ref_logp, a.kl_estimator) * m
-                if a.entropy_coef:
-                    loss_mat = loss_mat - a.entropy_coef * entropy * m
-                loss = aggregate_loss(loss_mat, m, a.aggregation, num_tokens=totals["tokens"],
-                                      num_seqs=totals["seqs"],
-                                      norm_len=self.config.rollout.max_new_tokens)
-                if positive is not None:
-                    pmask = positive[torch.as_tensor(idx, device=positive.device)]
-                    loss = loss + a.positive_lm_coef * masked_sum(-logp, pmask) / pos_tokens
-                (loss * scale).backward()
-            share = m.sum() / totals["tokens"]
-            _add(sums, "loss/policy", loss.detach())
-            _add(sums, "policy/entropy", masked_mean(entropy.detach(), m) * share)
-            for k, v in pm.items():
-                _add(sums, k, v * share)
-            if self.critic is not None:
-                with distributed.no_sync(self.critic_fwd, j < len(micros) - 1):
-                    with self.autocast():
-                        values = response_values(self.critic_fwd, mb.input_ids,
-                                                 mb.attention_mask, mb.response_len)
-                    vloss_mat, vm = algos.value_loss(values, mb.values, mb.returns, m,
-                                                     a.value_clip)
-                    vloss = aggregate_loss(vloss_mat, m, a.aggregation,
-                                           num_tokens=totals["tokens"], num_seqs=totals["seqs"],
-                                           norm_len=self.config.rollout.max_new_tokens)
-                    (vloss * scale).backward()
-                _add(sums, "loss/value", vloss.detach())
-                if "value/clipfrac" in vm:
-                    _add(sums, "value/clipfrac", vm["value/clipfrac"] * share)
-        if ptx[0]:
-            _add(sums, "loss/ptx", self.ptx_backward(ptx, len(micros), policy_jobs, scale))
-        if dist.enabled and not policy_jobs:  # nothing here: still join the all-reduce
-            self._join_allreduce(self.fwd)
-        if dist.enabled and self.critic is not None and not micros:
-            self._join_allreduce(self.critic_fwd)
-        out = to_floats(dist.all_reduce_sum_dict(sums))
-        out["train/grad_norm"] = self._step_optimizer(self.optimizer, self.model)
+        """One optimiser step of the policy (and of the critic) on this rank's share of a
+        mini-batch, each through the accumulation primitive. Counts are global, so the
+        ranks' gradients sum to the mini-batch's."""
+        counts = self.step_counts(batch)
+        micros = [batch.select(idx) for idx in self._micro_indices(batch)] if len(batch) else []
+        jobs = [functools.partial(self.policy_loss, mb, counts) for mb in micros]
+        jobs += self.ptx_jobs()
+        out = self.accumulators["model"].step(jobs, self.step + 1)
         if self.critic is not None:
-            out["value/grad_norm"] = self._step_optimizer(self.critic_optimizer, self.critic)
+            out.update(self.accumulators["critic"].step(
+                [functools.partial(self.value_loss, mb, counts) for mb in micros],
+                self.step + 1))
         return out
 
-    def _join_allreduce(self, module) -> None:
-        ids = torch.full((1, 2), self.tokenizer.pad_token_id, device=self.device)
-        att = torch.ones_like(ids, dtype=torch.bool)
-        out = module(input_ids=ids, attention_mask=att)
-        (getattr(out, "logits", out).sum() * 0.0).backward()
+    def step_counts(self, batch: Experience) -> StepCounts:
+        """The mini-batch's counts over every rank, in one all-reduce."""
+        mask = batch.response_mask
+        local = [mask.sum(), (mask.sum(-1) > 0).sum(), torch.tensor(len(batch))]
+        if self.algo.positive_lm_coef > 0:
+            local.append(self.positive_mask(batch).sum())
+        c = self.dist.all_reduce_sum(torch.stack([x.float().to(self.device) for x in local]))
+        c = c.tolist()
+        return StepCounts(tokens=max(c[0], 1.0), seqs=max(c[1], 1.0), rows=max(c[2], 1.0),
+                          norm_len=self.config.rollout.max_new_tokens,
+                          positive_tokens=max(c[3], 1.0) if len(c) > 3 else 1.0)
 
-    def _ptx_micro_batches(self) -> tuple[list[list[TokenizedExample]], int]:
-        """This rank's micro-batches of the step's ptx text, and the global token count."""
+    def positive_mask(self, batch: Experience) -> Tensor:
+        return algos.positive_example_mask(batch.response_mask, batch.scores,
+                                           self.algo.positive_threshold)
+
+    def policy_loss(self, mb: Experience, counts: StepCounts) -> tuple[Tensor, dict]:
+        """One micro-batch's forward pass and its share of the step's policy loss."""
         a = self.algo
+        t = self.config.rollout.temperature or 1.0
+        logp, entropy = response_logprobs(self.fwd, mb.input_ids, mb.attention_mask,
+                                          mb.response_len, t, with_entropy=True,
+                                          packed=self.run.padding_free)
+        # on-policy, π_old is this very forward pass (ratio 1, gradient A·∇log π)
+        old = logp.detach() if self.reuse_old_logprobs else mb.old_logp
+        return policy_objective(
+            logp, old, mb.advantages, mb.response_mask, counts, policy_loss=a.policy_loss,
+            loss_params=a.loss_params, aggregation=a.aggregation,
+            ref_logp=mb.ref_logp if a.kl_placement == "loss" else None,
+            kl_coef=self.kl_ctl.value if a.kl_placement == "loss" else 0.0,
+            kl_estimator=a.kl_estimator, entropy=entropy, entropy_coef=a.entropy_coef,
+            positive_mask=self.positive_mask(mb) if a.positive_lm_coef > 0 else None,
+            positive_lm_coef=a.positive_lm_coef)
+
+    def value_loss(self, mb: Experience, counts: StepCounts) -> tuple[Tensor, dict]:
+        """One micro-batch's critic forward pass and its share of the step's value loss."""
+        values = response_values(self.critic_fwd, mb.input_ids, mb.attention_mask,
+                                 mb.response_len)
+        return value_objective(values, mb.values, mb.returns, mb.response_mask, counts,
+                               clip_range=self.algo.value_clip,
+                               aggregation=self.algo.value_loss_aggregation)
+
+    def ptx_jobs(self) -> list:
+        """γ_ptx · token-mean NLL on the step's pretraining/SFT text (PPO-ptx): this rank's
+        micro-batch jobs, normalised by the global token count."""
+        a = self.algo
+        if a.ptx_coef <= 0:
+            return []
         total = len(self.ptx_items)
         start = (self.step * a.ptx_batch_size) % total
         items = [self.ptx_items[(start + i) % total] for i in range(a.ptx_batch_size)]
-        n_tokens = max(sum(sum(it.loss_mask[1:]) for it in items), 1)
+        n_tokens = float(sum(sum(it.loss_mask[1:]) for it in items))
         local = self.dist.shard(items)
         micros = [[local[i] for i in idx] for idx in micro_batches_by_tokens(
             [len(it.input_ids) for it in local], self.run.micro_batch_tokens)]
-        return micros, n_tokens
+        return [functools.partial(self._ptx_loss, micro, n_tokens) for micro in micros]
 
-    def ptx_backward(self, ptx, done: int, jobs: int, scale: float) -> Tensor:
-        """γ_ptx · token-mean NLL on pretraining/SFT text (PPO-ptx)."""
-        micros, n_tokens = ptx
-        out = torch.zeros((), device=self.device)
-        for j, micro in enumerate(micros):
-            b = collate_sequences(micro, self.tokenizer.pad_token_id)
-            b = {k: v.to(self.device) for k, v in b.items()}
-            with distributed.no_sync(self.fwd, done + j < jobs - 1):
-                with self.autocast():
-                    logp, mask = sequence_logprobs(self.fwd, b["input_ids"],
-                                                   b["attention_mask"], b["loss_mask"],
-                                                   packed=self.run.padding_free)
-                loss = self.algo.ptx_coef * masked_sum(-logp, mask) / n_tokens
-                (loss * scale).backward()
-            out += loss.detach()
-        return out
-
-    def _step_optimizer(self, optimizer, model) -> float:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.optim_cfg.max_grad_norm or math.inf)
-        norm_value = float(norm)
-        if math.isfinite(norm_value):
-            optimizer.step()
-        elif self.run.on_nonfinite == "stop":
-            from posttrain.errors import NonFiniteError
-
-            raise NonFiniteError(f"step {self.step + 1}: non-finite gradient norm; no weights "
-                                 "were written. Lower optim.lr or set run.on_nonfinite=skip")
-        optimizer.zero_grad(set_to_none=True)
-        return norm_value
+    def _ptx_loss(self, micro: list[TokenizedExample], n_tokens: float) -> tuple[Tensor, dict]:
+        b = collate_sequences(micro, self.tokenizer.pad_token_id)
+        b = {k: v.to(self.device) for k, v in b.items()}
+        logp, mask = sequence_logprobs(self.fwd, b["input_ids"], b["attention_mask"],
+                                       b["loss_mask"], packed=self.run.padding_free)
+        return lm_objective(logp, mask, n_tokens, self.algo.ptx_coef)
 
     # -- value pretraining (VC-PPO / VAPO)
     def pretrain_values(self) -> None:
-        """Fit the critic to Monte-Carlo returns (λ = 1) with the policy frozen, before RL."""
+        """Fit the critic to Monte-Carlo returns (λ = 1) with the policy frozen, before RL;
+        stop early when neither the explained variance nor the value loss improves
+        (ALGORITHMS.md section 4). Each step is one step of the critic's LR schedule."""
         a = self.algo
-        best, stale = -math.inf, 0
-        frozen = replace(a, critic_lam=1.0)
-        self._value_log = []
+        best_ev, best_loss, stale = -math.inf, math.inf, 0
+        self._value_log: list[dict[str, float]] = []
         for i in range(a.value_pretrain_steps):
             self.phase(f"value pretraining {i + 1}/{a.value_pretrain_steps}")
-            exp, _ = self.collect()
-            exp = self.shape(exp)
-            lam = algos.policy_lambda(frozen.lambda_schedule, exp.response_mask, frozen.lam,
-                                      frozen.length_alpha)
+            exp = self.shape(self.collect()[0])
             _, returns = compute_advantages("gae", exp.token_rewards, exp.response_mask,
-                                            values=exp.values, gamma=a.gamma, lam=lam,
+                                            values=exp.values, gamma=a.gamma, lam=1.0,
                                             critic_lam=1.0)
-            exp = exp.replace(returns=returns)
-            ev = self._fit_values(exp)
-            self._value_log.append({"pretrain_step": i + 1, "explained_variance": ev})
-            if ev > best + 0.01:
-                best, stale = ev, 0
-            else:
-                stale += 1
+            ev, loss = self._fit_values(exp.replace(returns=returns))
+            self.critic_scheduler.step()
+            self._value_log.append({"pretrain_step": i + 1, "explained_variance": ev,
+                                    "value_loss": loss})
+            improved = ev > best_ev + 0.01 or loss < best_loss * 0.99
+            best_ev, best_loss = max(best_ev, ev), min(best_loss, loss)
+            stale = 0 if improved else stale + 1
             if stale >= a.value_pretrain_patience:
                 break
         self.value_pretrained = True
         if self.dist.is_main:
+            last = self._value_log[-1]
             print(f"value pretraining: {len(self._value_log)} steps, explained variance "
-                  f"{self._value_log[-1]['explained_variance']:.3f}", flush=True)
+                  f"{last['explained_variance']:.3f}, value loss {last['value_loss']:.4f}",
+                  flush=True)
 
-    def _fit_values(self, exp: Experience) -> float:
-        """`algo.epochs` x `algo.mini_batches` critic steps on one batch; returns the explained
-        variance of the values the batch was collected with (fresh data: a held-out measure)."""
+    def _fit_values(self, exp: Experience) -> tuple[float, float]:
+        """`algo.epochs` x `algo.mini_batches` critic steps on one batch. Returns the explained
+        variance of the values the batch was collected with (fresh data: a held-out measure)
+        and the mean value loss of the steps."""
         a = self.algo
         n = len(exp)
         mini = max(1, math.ceil(n / a.mini_batches))
         gen = torch.Generator().manual_seed(self.run.seed * 13 + len(self._value_log))
+        losses = []
         for _ in range(a.epochs):
             order = torch.randperm(n, generator=gen)
             for s in range(0, n, mini):
                 batch = exp.select(order[s : s + mini])
-                tokens = max(int(self.dist.all_reduce_sum(batch.response_mask.sum().float())),
-                             1)
-                micros = self._micro_indices(batch) if len(batch) else []
-                scale = self.dist.loss_scale if self.dist.enabled else 1.0
-                for j, idx in enumerate(micros):
-                    mb = batch.select(idx)
-                    with distributed.no_sync(self.critic_fwd, j < len(micros) - 1):
-                        with self.autocast():
-                            values = response_values(self.critic_fwd, mb.input_ids,
-                                                     mb.attention_mask, mb.response_len)
-                        vloss_mat, _ = algos.value_loss(values, mb.values, mb.returns,
-                                                        mb.response_mask, a.value_clip)
-                        (aggregate_loss(vloss_mat, mb.response_mask, "token-mean",
-                                        num_tokens=tokens) * scale).backward()
-                if self.dist.enabled and not micros:
-                    self._join_allreduce(self.critic_fwd)
-                self._step_optimizer(self.critic_optimizer, self.critic)
+                counts = self.step_counts(batch)
+                jobs = [functools.partial(self.value_loss, batch.select(idx), counts)
+                        for idx in self._micro_indices(batch)]
+                out = self.accumulators["critic"].step(jobs, self.step + 1)
+                losses.append(out["value/loss"])
         ev = float(algos.explained_variance(exp.values, exp.returns, exp.response_mask))
-        return self.dist.all_reduce_mean({"ev": ev})["ev"]  # ranks decide to stop together
+        # ranks decide to stop together
+        return self.dist.all_reduce_mean({"ev": ev})["ev"], sum(losses) / len(losses)
 
     # -- metrics and evaluation
     def rollout_metrics(self, exp: Experience) -> Metrics:
+        if not len(exp):  # nothing kept on this rank: the other ranks' numbers stand
+            return {}
         mask = exp.response_mask
         out = {
             "reward/mean": float(exp.scores.mean()),
@@ -735,17 +815,22 @@ class RLTrainer(Trainer):
         if exp.values is not None:
             out["value/explained_variance"] = float(
                 algos.explained_variance(exp.values, exp.returns, mask))
-        # Mean advantage by token position: the value-bias signature (VC-PPO).
+        out["adv/first_token"] = self._log_positions(exp)
+        return out
+
+    def _log_positions(self, exp: Experience) -> float:
+        """Mean advantage by token position (the VC-PPO value-bias signature), logged; returns
+        the first position's."""
+        mask = exp.response_mask
         counts = mask.sum(0).clamp(min=1)
-        by_pos = ((exp.advantages * mask).sum(0) / counts).tolist()
+        by_pos = (torch.where(mask, exp.advantages, 0.0).sum(0) / counts).tolist()
         record = {"step": self.step + 1, "mean_advantage": by_pos,
                   "tokens": mask.sum(0).tolist()}
         if self.dist.is_main:  # rank 0's share stands for the batch in this diagnostic
             self.positions.append(record)
             with (self.run_dir / "advantage_by_position.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
-        out["adv/first_token"] = by_pos[0] if by_pos else 0.0
-        return out
+        return by_pos[0] if by_pos else 0.0
 
     def log_samples(self, exp: Experience) -> None:
         k = self.config.eval.samples_logged

@@ -250,3 +250,24 @@ def test_the_cache_goes_by_the_name_the_model_takes(tiny_model_dir):
             return input_ids
 
     assert _cache_argument(Old()) == "past_key_values"
+
+
+def test_every_engine_implements_the_protocol_the_trainer_uses(engine, prompts):
+    """Through `RolloutEngine` alone: `.model`, `generate(..., seeds=)` with recorded
+    log-probs, `update_weights`. Per-prompt seeds make a prompt's group the same whatever
+    batch it is sampled in."""
+    from posttrain.rollout.engine import RolloutEngine
+
+    assert isinstance(engine, RolloutEngine)
+    proto: RolloutEngine = engine
+    assert isinstance(proto.model, torch.nn.Module)
+    cfg = SamplingConfig(samples_per_prompt=2, max_new_tokens=6, seed=3, return_logprobs=True)
+    both = proto.generate(prompts[:2], cfg, prompts=["a", "b"], meta={"k": [1, 2]},
+                          seeds=[11, 12])
+    alone = proto.generate(prompts[1:2], cfg, seeds=[12])
+    assert both.group_ids.tolist() == [0, 0, 1, 1] and both.meta["k"] == [1, 1, 2, 2]
+    assert both.old_logp is not None and both.old_logp.shape == both.response_mask.shape
+    assert both.texts[2:] == alone.texts
+    proto.update_weights(proto.model.named_parameters())  # a copy onto itself is a no-op
+    again = proto.generate(prompts[1:2], cfg, seeds=[12])
+    assert again.texts == alone.texts

@@ -95,6 +95,15 @@ def test_critic_rl_two_processes_equal_one(stages, tmp_path):
     compare(["rl", "--preset", "ppo", *RL], "ppo", "loss/value", tmp_path, stages, critic=True)
 
 
+def test_kl_controller_and_reward_whitening_see_the_whole_batch(stages, tmp_path):
+    # The adaptive β moves by e·n/horizon with n the step's samples: on 2 ranks n must be the
+    # global count (a short horizon makes a local n visible); reward whitening likewise
+    # uses the statistics of the whole batch.
+    compare(["rl", "--preset", "ppo", *RL, "--algo.kl_horizon", "10",
+             "--algo.reward_whiten", "true"], "ppo-kl", "kl/coef", tmp_path, stages,
+            critic=True)
+
+
 def test_fsdp2_two_processes_equal_one(stages, tmp_path):
     compare(["sft", "--task", "arithmetic", "--run.parallel", "fsdp", "--run.steps", "4",
              "--run.eval_every", "0", "--eval.generate_samples", "4"], "fsdp", "train/loss",

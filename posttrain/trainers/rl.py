@@ -748,7 +748,6 @@ class RLTrainer(Trainer):
         stop early when neither the explained variance nor the value loss improves
         (ALGORITHMS.md section 4). Each step is one step of the critic's LR schedule."""
         a = self.algo
-        best_ev, best_loss, stale = -math.inf, math.inf, 0
         self._value_log: list[dict[str, float]] = []
         for i in range(a.value_pretrain_steps):
             self.phase(f"value pretraining {i + 1}/{a.value_pretrain_steps}")
@@ -760,10 +759,8 @@ class RLTrainer(Trainer):
             self.critic_scheduler.step()
             self._value_log.append({"pretrain_step": i + 1, "explained_variance": ev,
                                     "value_loss": loss})
-            improved = ev > best_ev + 0.01 or loss < best_loss * 0.99
-            best_ev, best_loss = max(best_ev, ev), min(best_loss, loss)
-            stale = 0 if improved else stale + 1
-            if stale >= a.value_pretrain_patience:
+            if value_plateau([(r["explained_variance"], r["value_loss"])
+                              for r in self._value_log], a.value_pretrain_patience):
                 break
         self.value_pretrained = True
         if self.dist.is_main:
@@ -876,6 +873,19 @@ class RLTrainer(Trainer):
             gold = self.gold_fn.score(prompts, texts, **exp.meta).total
             out[f"eval/gold{suffix}"] = sum(gold) / len(gold)
         return out
+
+
+def value_plateau(history: Sequence[tuple[float, float]], patience: int,
+                  ev_gain: float = 0.01, loss_drop: float = 0.01) -> bool:
+    """True when the last `patience` steps of (explained variance, value loss) improved on
+    neither: the explained variance did not rise by `ev_gain` over its best, nor the loss fall
+    by the fraction `loss_drop` below its best (ALGORITHMS.md 4: stop when both plateau)."""
+    best_ev, best_loss, stale = -math.inf, math.inf, 0
+    for ev, loss in history:
+        improved = ev > best_ev + ev_gain or loss < best_loss * (1 - loss_drop)
+        best_ev, best_loss = max(best_ev, ev), min(best_loss, loss)
+        stale = 0 if improved else stale + 1
+    return stale >= patience
 
 
 def _columns(examples: Sequence[Example]) -> dict[str, list[Any]]:

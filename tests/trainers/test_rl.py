@@ -17,7 +17,7 @@ from posttrain.config import load_config, merge
 from posttrain.errors import ConfigError
 from posttrain.models.forward import response_logprobs
 from posttrain.rollout.experience import Experience
-from posttrain.trainers.rl import RLConfig, RLTrainer, _groups_with_variance
+from posttrain.trainers.rl import RLConfig, RLTrainer, _groups_with_variance, value_plateau
 from tests.conftest import QUIET
 
 PRESETS = pipeline.list_presets()
@@ -121,6 +121,74 @@ def test_groups_with_variance():
 def test_value_pretraining_needs_a_critic(arithmetic_dir, arithmetic_sft_model, tmp_path):
     with pytest.raises(ConfigError, match="value_pretrain_steps needs a critic"):
         rl_config(arithmetic_dir, "grpo", tmp_path, algo={"value_pretrain_steps": 3})
+
+
+def test_value_pretraining_stops_when_loss_and_explained_variance_both_plateau():
+    # the explained variance stalls from the second step, the loss keeps falling by > 1%
+    history = [(0.5, 1.0), (0.505, 0.9), (0.505, 0.8), (0.505, 0.7)]
+    assert not value_plateau(history, patience=2)
+    # then the loss stalls too (falls by < 1%) for two steps: a plateau
+    assert value_plateau([*history, (0.505, 0.699), (0.505, 0.698)], patience=2)
+    # a rising explained variance alone keeps it going
+    assert not value_plateau([(0.1, 1.0), (0.2, 1.0), (0.3, 1.0)], patience=2)
+
+
+def test_value_pretraining_steps_the_critics_schedule(arithmetic_dir, arithmetic_sft_model,
+                                                      tmp_path):
+    """With warm-up, value pretraining used to run the critic at lr/warmup throughout: its
+    steps are now steps of the critic's schedule (and not of the frozen policy's)."""
+    cfg = rl_config(arithmetic_dir, "vc_ppo", tmp_path, run={"name": "vpt", "steps": 5},
+                    rollout={"prompts_per_step": 2}, eval={"prompts": 4},
+                    optim={"warmup_steps": 10},
+                    algo={"value_pretrain_steps": 3, "value_pretrain_patience": 100,
+                          "critic_lr": 1e-3})
+    t = RLTrainer(cfg)
+    t.build_optimizer()
+    assert t.critic_scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 1 / 10)
+    t.pretrain_values()
+    assert len(t._value_log) == 3 and t.value_pretrained
+    assert t.critic_scheduler.get_last_lr()[0] == pytest.approx(1e-3 * 4 / 10)
+    assert t.scheduler.get_last_lr()[0] == pytest.approx(cfg.optim.lr / 10)
+
+
+def test_dynamic_sampling_trains_on_nothing_when_every_group_is_all_equal(
+        arithmetic_dir, arithmetic_sft_model, tmp_path):
+    """Every group all-equal in every round: the update used to train on the last
+    unfiltered round (zero advantages) and report only that round's kept fraction."""
+    cfg = rl_config(arithmetic_dir, "dapo", tmp_path,
+                    run={"name": "ds-equal", "steps": 1, "eval_every": 0, "log_every": 1},
+                    rollout={"prompts_per_step": 2, "samples_per_prompt": 2},
+                    eval={"prompts": 4}, algo={"max_sampling_rounds": 3},
+                    reward={"terms": ["tests.trainers.user_rewards:constant_one"]})
+    t = RLTrainer(cfg)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    t.train()
+    row = next(r for r in rows_of(t.run_dir) if "sampling/rounds" in r)
+    assert row["sampling/rounds"] == 3.0 and row["sampling/kept_fraction"] == 0.0
+    assert row["sampling/groups_trained"] == 0.0 and row["sampling/filled"] == 0.0
+    assert row["train/loss"] == 0.0 and "loss/policy" not in row  # no micro-batch ran
+    assert all(torch.equal(p, b) for p, b in zip(t.model.parameters(), before, strict=True))
+
+
+def test_a_non_finite_rl_step_is_skipped_and_counted(arithmetic_dir, arithmetic_sft_model,
+                                                     tmp_path):
+    cfg = rl_config(arithmetic_dir, "grpo", tmp_path,
+                    run={"name": "rl-nan", "steps": 2, "eval_every": 0, "on_nonfinite": "skip",
+                         "log_every": 1},
+                    rollout={"prompts_per_step": 2}, eval={"prompts": 4})
+    t = RLTrainer(cfg)
+    real = t.policy_loss
+
+    def poisoned(mb, counts):
+        loss, metrics = real(mb, counts)
+        return (loss * float("nan") if t.step == 0 else loss), metrics
+
+    t.policy_loss = poisoned
+    result = t.train()
+    assert result.status == "finished" and result.skipped_steps == 2  # both mini-batches
+    rows = [r for r in rows_of(t.run_dir) if "reward/mean" in r]
+    assert rows[0]["train/skipped"] == 1.0 and "train/skipped" not in rows[1]
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
 # ---------------------------------------------------------------------- every preset runs

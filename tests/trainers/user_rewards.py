@@ -4,3 +4,8 @@
 def short_answers(prompts, responses, **columns):
     # one point for a response of at most 2 characters; ignores the other columns
     return [1.0 if len(r) <= 2 else 0.0 for r in responses]
+
+
+def constant_one(prompts, responses, **columns):
+    # every response scores the same: no group has reward variance
+    return [1.0 for _ in responses]

@@ -577,7 +577,36 @@ class Trainer:
         self.load_extra_state(state.get("extra", {}))
 
     def train(self) -> TrainResult:
+        """Run (or resume) the loop to `run.steps`; a signal stops it after a checkpoint."""
         start_time = time.time()
+        self._prepare()
+        main = self.dist.is_main
+        logger = _Logger(self.run_dir, self.run.tensorboard, main)
+        monitors = MonitorLog(self.run_dir) if main else None
+        self._progress = Progress(self.run.steps, self.kind,
+                                  self.run.progress if main else "none", start=self.step)
+        eval_metrics: dict[str, float] = {}
+        final = None
+        try:
+            if self.step == 0 and self.run.eval_every:
+                start = self.evaluate_on_main()  # the starting point, for before/after
+                if start:
+                    self.history.append({"step": 0, **logger.log(0, start)})
+            status = self._loop(logger, monitors)
+            if status == "finished":
+                eval_metrics, final = self._finish(logger, monitors)
+        finally:
+            self._progress.close()
+            logger.close()
+        report = self.write_report() if main else None
+        if report is not None:
+            print(f"report: {report}", flush=True)
+        return TrainResult(self.run_dir, self.step, status, final, eval_metrics,
+                           self.skipped_steps, time.time() - start_time)
+
+    def _prepare(self) -> None:
+        """The run directory and config, the optimiser, the memory check, the resume, and
+        the logs cut back to the checkpoint."""
         main = self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -587,85 +616,70 @@ class Trainer:
         self.check_memory()
         if self.run.resume:
             ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-            if ckpt is None:
-                if main:
-                    print(f"no complete checkpoint in {self.run_dir / 'checkpoints'}; "
-                          "starting from the beginning", flush=True)
-            else:
+            if ckpt is not None:
                 self.restore(ckpt)
-                if main:
-                    print(f"resumed from {ckpt} (step {self.step})", flush=True)
-        logger = _Logger(self.run_dir, self.run.tensorboard, main)
+            if main:
+                print(f"resumed from {ckpt} (step {self.step})" if ckpt else
+                      f"no complete checkpoint in {self.run_dir / 'checkpoints'}; starting "
+                      "from the beginning", flush=True)
         if main:
             # A fresh run starts its logs afresh; a resumed one drops what it will redo.
             for name in self.log_files():
                 truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
         self.dist.barrier()
         self.load_logs()
-        monitors = MonitorLog(self.run_dir) if main else None
-        progress = Progress(self.run.steps, self.kind, self.run.progress if main else "none",
-                            start=self.step)
-        self._progress = progress
-        status: Literal["finished", "interrupted"] = "finished"
-        eval_metrics: dict[str, float] = {}
-        try:
-            if self.step == 0 and self.run.eval_every:
-                start = self.evaluate_on_main()  # the starting point, for before/after
-                if start:
-                    self.history.append({"step": 0, **logger.log(0, start)})
-            with _StopRequest() as stop:
-                while self.step < self.run.steps:
-                    t0 = time.time()
-                    metrics, tokens = self.train_step()
-                    self.step += 1
-                    seconds = time.time() - t0
-                    metrics["perf/step_seconds"] = seconds
-                    metrics["perf/tokens_per_second"] = tokens / seconds
-                    if self.run.eval_every and self.step % self.run.eval_every == 0 \
-                            and self.step < self.run.steps:
-                        self.phase("eval")
-                        metrics.update(self.evaluate_on_main())
-                    if self.step % self.run.log_every == 0 or self.step == self.run.steps:
-                        row = logger.log(self.step, metrics)
-                        self.history.append({"step": self.step, **row})
-                        progress.update(self.step, {k: row[k] for k in self.progress_keys
-                                                    if k in row})
-                        if monitors is not None:
-                            monitors.update(self.history, **self.monitor_series())
-                    for callback in self.callbacks:
-                        callback(self, self.step, metrics)
-                    if self.run.save_every and self.step % self.run.save_every == 0:
-                        self.phase("checkpoint")
-                        self.checkpoint()
-                    self.phase("train")
-                    if self._stop_everywhere(stop.requested):
-                        self.checkpoint()
-                        status = "interrupted"
-                        break
-            if status == "finished":
-                eval_metrics = self.evaluate_on_main()
-                if eval_metrics:
-                    self.history.append({"step": self.step,
-                                         **logger.log(self.step, eval_metrics)})
-                    if monitors is not None:
-                        monitors.update(self.history, **self.monitor_series())
-                self.before_final()
-                self.checkpoint()
-                final = self.run_dir / "final"
-                states = {"model": self.model_state(self.model)} if self.sharded else {}
-                if main:
-                    self.save_final(final, states)
-                self.dist.barrier()
-            else:
-                final = None
-        finally:
-            progress.close()
-            logger.close()
-        report = self.write_report() if main else None
-        if report is not None:
-            print(f"report: {report}", flush=True)
-        return TrainResult(self.run_dir, self.step, status, final, eval_metrics,
-                           self.skipped_steps, time.time() - start_time)
+
+    def _loop(self, logger: _Logger, monitors: MonitorLog | None
+              ) -> Literal["finished", "interrupted"]:
+        with _StopRequest() as stop:
+            while self.step < self.run.steps:
+                t0 = time.time()
+                metrics, tokens = self.train_step()
+                self.step += 1
+                seconds = time.time() - t0
+                metrics["perf/step_seconds"] = seconds
+                metrics["perf/tokens_per_second"] = tokens / seconds
+                if self.run.eval_every and self.step % self.run.eval_every == 0 \
+                        and self.step < self.run.steps:
+                    self.phase("eval")
+                    metrics.update(self.evaluate_on_main())
+                if self.step % self.run.log_every == 0 or self.step == self.run.steps:
+                    self._log(logger, monitors, metrics)
+                for callback in self.callbacks:
+                    callback(self, self.step, metrics)
+                if self.run.save_every and self.step % self.run.save_every == 0:
+                    self.phase("checkpoint")
+                    self.checkpoint()
+                self.phase("train")
+                if self._stop_everywhere(stop.requested):
+                    self.checkpoint()
+                    return "interrupted"
+        return "finished"
+
+    def _log(self, logger: _Logger, monitors: MonitorLog | None, metrics: dict[str, float],
+             progress: bool = True) -> None:
+        row = logger.log(self.step, metrics)
+        self.history.append({"step": self.step, **row})
+        if progress and self._progress is not None:
+            self._progress.update(self.step, {k: row[k] for k in self.progress_keys
+                                              if k in row})
+        if monitors is not None:
+            monitors.update(self.history, **self.monitor_series())
+
+    def _finish(self, logger: _Logger, monitors: MonitorLog | None
+                ) -> tuple[dict[str, float], Path]:
+        """The final evaluation, checkpoint and Hugging Face model directory."""
+        eval_metrics = self.evaluate_on_main()
+        if eval_metrics:
+            self._log(logger, monitors, eval_metrics, progress=False)
+        self.before_final()
+        self.checkpoint()
+        final = self.run_dir / "final"
+        states = {"model": self.model_state(self.model)} if self.sharded else {}
+        if self.dist.is_main:
+            self.save_final(final, states)
+        self.dist.barrier()
+        return eval_metrics, final
 
 
 class _Logger:

@@ -76,10 +76,11 @@ TRAINERS = {
     "rm": ("posttrain.trainers.reward", "RMConfig", "RewardModelTrainer",
            "train a Bradley-Terry reward model on preference pairs"),
     "dpo": ("posttrain.trainers.dpo", "DPOConfig", "DPOTrainer",
-            "direct preference optimisation (DPO, cDPO, IPO, DPO-P, DPO+SFT, ...)"),
+            "direct preference optimisation (DPO, cDPO, IPO, SimPO, ORPO, DPO-P, DPO+SFT)"),
+    "kto": ("posttrain.trainers.kto", "KTOConfig", "KTOTrainer",
+            "KTO on unpaired desirable/undesirable examples (prompt, completion, label)"),
     "rl": ("posttrain.trainers.rl", "RLConfig", "RLTrainer",
-           "RL with a preset: ppo, ppo_ptx, grpo, dr_grpo, dapo, rloo, reinforce_pp, "
-           "reinforce_pp_baseline, vc_ppo, vapo"),
+           "RL with a preset (--preset; `posttrain rl --help` lists them)"),
 }
 
 
@@ -106,7 +107,7 @@ def _task_base(command: str, task_dir, preset: dict) -> dict:
         # the task adapts the preset (e.g. a critic from the policy under rule rewards)
         return pipeline.rl_base(task_dir, preset)
     return {"sft": pipeline.sft_base, "rm": pipeline.rm_base,
-            "dpo": pipeline.dpo_base}[command](task_dir)
+            "dpo": pipeline.dpo_base, "kto": pipeline.kto_base}[command](task_dir)
 
 
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -356,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true",
                        help="continue from the newest complete checkpoint of the run")
         if command == "rl":
+            from posttrain.pipeline import list_presets
+
             p.add_argument("--preset", metavar="NAME",
-                           help="algorithm preset (see the list above)")
+                           help="algorithm preset: " + ", ".join(list_presets()))
         p.set_defaults(func=_train, takes_overrides=True)
     return parser
 

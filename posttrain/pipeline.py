@@ -92,6 +92,8 @@ def rm_base(task_dir: Path) -> dict[str, Any]:
         "optim": {"lr": 1e-3, "warmup_steps": 10, "schedule": "cosine"},
         "run": {"output_dir": str(task_dir), "name": "rm", "steps": 150, "batch_size": 32,
                 "eval_every": 50, "log_every": 25},
+        # the response length of the SFT policy's samples, if --rm.normalize policy_samples
+        "rm": {"normalize_max_new_tokens": _defaults(task_dir)["max_new_tokens"]},
     }
 
 
@@ -121,6 +123,36 @@ def dpo_base(task_dir: Path) -> dict[str, Any]:
         "eval": {"reward": task_info(task_dir)["reward"], "reward_base_dir": str(task_dir),
                  "max_new_tokens": _defaults(task_dir)["max_new_tokens"]},
     }
+
+
+def ensure_unpaired(task_dir: Path) -> dict[str, str]:
+    """The task's preference pairs as KTO's unpaired records (`prompt`, `completion`, `label`:
+    chosen -> true, rejected -> false), written once beside them as kto_train.jsonl and
+    kto_eval.jsonl; returns their paths by split."""
+    from posttrain.data.formats import unpair_preferences
+    from posttrain.data.loading import load_examples
+
+    out = {}
+    for split in ("train", "eval"):
+        path = task_dir / f"kto_{split}.jsonl"
+        if not path.exists():
+            rows = [{"prompt": ex.prompt, "completion": ex.completion, "label": ex.label,
+                     **ex.extra}
+                    for ex in unpair_preferences(load_examples(_file(task_dir, f"pref_{split}"),
+                                                               "preference"))]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(path)  # atomic: a half-written file is never read
+        out[split] = str(path)
+    return out
+
+
+def kto_base(task_dir: Path) -> dict[str, Any]:
+    """KTO on the task: its preference pairs unpaired, trained and judged like DPO."""
+    base = dpo_base(task_dir)
+    files = ensure_unpaired(task_dir)
+    return {**base, "data": {"train": files["train"], "eval": files["eval"]},
+            "run": {**base["run"], "name": "kto"}}
 
 
 def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from posttrain import pipeline
 from posttrain.cli import main
 
 
@@ -19,7 +20,7 @@ def run_cli(args, cwd, env_tasks):
                           capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "rl"])
+@pytest.mark.parametrize("command", ["sft", "rm", "dpo", "kto", "rl"])
 def test_help_lists_every_config_key(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
@@ -27,7 +28,8 @@ def test_help_lists_every_config_key(command, capsys):
     out = capsys.readouterr().out
     assert "--optim.lr" in out and "--run.resume" in out and "[default:" in out
     if command == "rl":
-        assert "--algo.clip_high" in out and "vapo" in out
+        assert "--algo.clip_high" in out
+        assert all(name in out for name in pipeline.list_presets())
 
 
 @pytest.mark.parametrize(

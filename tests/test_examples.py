@@ -13,6 +13,7 @@ import pytest
 from posttrain import pipeline
 from posttrain.config import load_config
 from posttrain.trainers.dpo import DPOConfig
+from posttrain.trainers.kto import KTOConfig
 from posttrain.trainers.reward import RMConfig
 from posttrain.trainers.rl import RLConfig
 from posttrain.trainers.sft import SFTConfig
@@ -20,7 +21,7 @@ from posttrain.trainers.sft import SFTConfig
 EXAMPLES = Path(__file__).parent.parent / "examples"
 CONFIGS = {"sft.yaml": SFTConfig, "sft_preference.yaml": SFTConfig, "rm.yaml": RMConfig,
            "dpo.yaml": DPOConfig, "rl_grpo.yaml": RLConfig, "rl_ppo_rm.yaml": RLConfig,
-           "rl_custom_reward.yaml": RLConfig}
+           "rl_custom_reward.yaml": RLConfig, "kto.yaml": KTOConfig}
 
 
 def test_every_example_config_is_listed_here():
@@ -51,6 +52,7 @@ def test_the_examples_run_in_order(tmp_path):
     posttrain("sft", "--config", "examples/sft_preference.yaml", *quick, "20")
     posttrain("rm", "--config", "examples/rm.yaml", *quick, "5")
     posttrain("dpo", "--config", "examples/dpo.yaml", *quick, "3", "--eval.prompts", "4")
+    posttrain("kto", "--config", "examples/kto.yaml", *quick, "3", "--eval.prompts", "4")
     for name in ("rl_grpo", "rl_ppo_rm", "rl_custom_reward"):
         out = posttrain("rl", "--config", f"examples/{name}.yaml", *quick, "2",
                         "--eval.prompts", "4")

@@ -47,7 +47,16 @@ from posttrain.algos.policy_loss import (
     unclipped_policy_loss,
     value_loss,
 )
-from posttrain.algos.preference import DPO_VARIANTS, DPOOutput, bradley_terry_loss, dpo_loss
+from posttrain.algos.preference import (
+    DPO_VARIANTS,
+    DPOOutput,
+    KTOOutput,
+    bradley_terry_loss,
+    dpo_loss,
+    kto_kl_estimate,
+    kto_loss,
+    log_odds,
+)
 from posttrain.registry import Registry
 
 __all__ = [
@@ -63,6 +72,7 @@ __all__ = [
     "AdaptiveKLController",
     "DPOOutput",
     "FixedKLController",
+    "KTOOutput",
     "PPOAdaptiveKLController",
     "Registry",
     "add_score_at_last_token",
@@ -79,7 +89,10 @@ __all__ = [
     "gspo_token_policy_loss",
     "kl_estimate",
     "kl_penalized_rewards",
+    "kto_kl_estimate",
+    "kto_loss",
     "length_adaptive_lambda",
+    "log_odds",
     "make_kl_controller",
     "masked_mean",
     "masked_sum",

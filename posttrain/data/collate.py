@@ -153,11 +153,23 @@ class TokenizedExample:
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """A preference pair sharing one prompt."""
+    """A preference pair sharing one prompt; `margin` is the record's own reward-model margin
+    (its `margin` column), None when it has none."""
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    where: str
+    margin: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenizedUnpaired:
+    """A prompt and one completion labelled desirable (True) or undesirable (False), for KTO."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
     where: str
 
 
@@ -244,8 +256,42 @@ def tokenize_preferences(examples: Sequence[Example], tokenizer,
                      "completion", ex.where, stats)
         except _Dropped:
             continue
-        out.append(TokenizedPair(p, c, r, ex.where))
+        out.append(TokenizedPair(p, c, r, ex.where, ex.extra.get("margin")))
     return out
+
+
+def tokenize_unpaired(examples: Sequence[Example], tokenizer,
+                      policy: TruncationPolicy | None = None,
+                      stats: TokenStats | None = None) -> list[TokenizedUnpaired]:
+    """`unpaired` examples -> prompt and completion ids (the completion ends with EOS) and the
+    label."""
+    policy = policy or TruncationPolicy()
+    stats = stats if stats is not None else TokenStats()
+    out = []
+    for ex in examples:
+        if ex.kind != "unpaired":
+            raise DataError(
+                f"{ex.where}: expected prompt+completion+label, got a {ex.kind!r} record"
+            )
+        try:
+            p, c = encode_prompt_completion(ex.prompt, ex.completion, tokenizer, ex.where)
+            p = _fit(p, policy.max_prompt_tokens, policy.prompt_side, policy, "prompt",
+                     ex.where, stats)
+            c = _fit(c, policy.max_completion_tokens, policy.completion_side, policy,
+                     "completion", ex.where, stats)
+        except _Dropped:
+            continue
+        out.append(TokenizedUnpaired(p, c, bool(ex.label), ex.where))
+    return out
+
+
+def kl_pairs(batch: Sequence[TokenizedUnpaired]) -> list[TokenizedUnpaired]:
+    """KTO's mismatched pairs: example i's prompt with the completion of example i − 1 (the
+    last one's for i = 0), TRL's shift by one within the batch. A batch of one pairs an
+    example with itself."""
+    return [TokenizedUnpaired(b.prompt_ids, batch[i - 1].completion_ids, b.desirable,
+                              f"{b.where} + completion of {batch[i - 1].where}")
+            for i, b in enumerate(batch)]
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right",
@@ -286,6 +332,14 @@ def collate_pairs(batch: Sequence[TokenizedPair], pad_id: int) -> dict[str, Tens
                               [False] * len(b.prompt_ids) + [True] * len(b.rejected_ids), b.where)
              for b in batch]
     return collate_sequences(seqs, pad_id)
+
+
+def collate_unpaired(batch: Sequence[TokenizedUnpaired], pad_id: int) -> dict[str, Tensor]:
+    """Prompt + completion rows, (B, L); `loss_mask` marks the completion tokens."""
+    return collate_sequences(
+        [TokenizedExample(b.prompt_ids + b.completion_ids,
+                          [False] * len(b.prompt_ids) + [True] * len(b.completion_ids), b.where)
+         for b in batch], pad_id)
 
 
 def micro_batches_by_tokens(lengths: Sequence[int], max_tokens: int,

@@ -3,25 +3,32 @@
 | kind         | columns                                   | used by          |
 |--------------|-------------------------------------------|------------------|
 | `prompt`     | prompt (+ any extra columns, e.g. answer) | RL               |
-| `preference` | prompt, chosen, rejected                  | reward model, DPO|
+| `preference` | prompt, chosen, rejected (+ margin)       | reward model, DPO|
+| `unpaired`   | prompt, completion, label (true/false)    | KTO              |
 | `completion` | prompt, completion                        | SFT              |
 | `messages`   | messages                                  | SFT              |
 | `text`       | text                                      | SFT, PPO-ptx     |
 
 `prompt`, `chosen`, `rejected` and `completion` are either strings (standard) or lists of
 `{"role", "content"}` messages (conversational, rendered with the tokenizer's chat template).
-Every error names where the record came from (file and line, or row) and the field.
+`label` of an `unpaired` record says whether the completion is desirable (true) or not (false),
+as in TRL's unpaired preference format; `unpair_preferences` turns pairs into such records. An
+optional `margin` column of a preference record (a number, TRL's name) is the per-pair margin of
+the reward-model loss. Every error names where the record came from (file and line, or row)
+and the field.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from posttrain.errors import DataError
 
-KINDS = ("prompt", "preference", "completion", "messages", "text")
+KINDS = ("prompt", "preference", "unpaired", "completion", "messages", "text")
 ROLES = ("system", "user", "assistant", "tool")
 
 Text = str | list[dict[str, str]]
@@ -44,11 +51,13 @@ class Example:
     rejected: Text | None = None
     messages: list[dict[str, str]] | None = None
     text: str | None = None
+    label: bool | None = None  # unpaired: True when the completion is desirable
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 _REQUIRED = {
     "preference": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
     "completion": ("prompt", "completion"),
     "messages": ("messages",),
     "text": ("text",),
@@ -59,12 +68,13 @@ _REQUIRED = {
 def detect_kind(columns: Iterable[str]) -> str:
     """The kind of a record from its columns (most specific first)."""
     cols = set(columns)
-    for kind in ("preference", "completion", "messages", "text", "prompt"):
+    for kind in ("preference", "unpaired", "completion", "messages", "text", "prompt"):
         if set(_REQUIRED[kind]) <= cols:
             return kind
     raise DataError(
         f"cannot tell the record kind from the columns {sorted(cols)}; expected one of: "
-        "prompt+chosen+rejected, prompt+completion, messages, text, prompt"
+        "prompt+chosen+rejected, prompt+completion+label, prompt+completion, messages, text, "
+        "prompt"
     )
 
 
@@ -137,11 +147,66 @@ def validate_record(record: object, where: str, kind: str | None = None) -> Exam
     if kind == "text":
         text = _check_text(record["text"], where, "text", allow_messages=False)
         return Example(kind, where, text=text, extra=extra)
-    fields = {c: _check_text(record[c], where, c) for c in _REQUIRED[kind]}
+    label = None
+    if kind == "unpaired":
+        label = record["label"]
+        if not isinstance(label, bool):
+            raise DataError(
+                f"{where}: field 'label': expected true (desirable) or false (undesirable), "
+                f"got {label!r:.40}"
+            )
+    if kind == "preference" and "margin" in extra:
+        extra["margin"] = _check_margin(extra["margin"], where)
+    fields = {c: _check_text(record[c], where, c) for c in _REQUIRED[kind] if c != "label"}
     shapes = {c: isinstance(v, list) for c, v in fields.items()}
     if kind != "prompt" and len(set(shapes.values())) > 1:
         raise DataError(
             f"{where}: fields {', '.join(fields)} mix strings and message lists; "
             "use strings for all of them or message lists for all of them"
         )
-    return Example(kind, where, extra=extra, **fields)
+    return Example(kind, where, label=label, extra=extra, **fields)
+
+
+def _check_margin(value: object, where: str) -> float | None:
+    if value is None:  # a column that is empty for some rows: the configured margin applies
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise DataError(
+            f"{where}: field 'margin': expected a finite number (the reward-model margin m of "
+            f"this pair) or null, got {value!r:.40}"
+        )
+    return float(value)
+
+
+def unpair_preferences(examples: Iterable[Example]) -> list[Example]:
+    """Preference pairs as unpaired examples, as TRL's `unpair_preference_dataset` does: each
+    pair gives its chosen response with label true and its rejected one with label false (in
+    that order); the other columns are kept."""
+    out = []
+    for ex in examples:
+        if ex.kind == "unpaired":
+            out.append(ex)
+            continue
+        if ex.kind != "preference":
+            raise DataError(f"{ex.where}: expected a preference or unpaired record, got a "
+                            f"{ex.kind!r} record")
+        for completion, label in ((ex.chosen, True), (ex.rejected, False)):
+            out.append(replace(ex, kind="unpaired", completion=completion, chosen=None,
+                               rejected=None, label=label,
+                               where=f"{ex.where} ({'chosen' if label else 'rejected'})"))
+    return out
+
+
+def distinct_prompts(examples: Iterable[Example]) -> list[Example]:
+    """The examples whose prompt was not seen before, in order (unpaired data, for one, holds
+    each prompt twice)."""
+    seen, out = set(), []
+    for ex in examples:
+        if ex.prompt is None:
+            raise DataError(f"{ex.where}: a {ex.kind!r} record has no prompt; give records "
+                            "with a 'prompt' field")
+        key = json.dumps(ex.prompt)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out

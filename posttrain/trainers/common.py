@@ -13,7 +13,7 @@ from posttrain.data.collate import TruncationPolicy
 from posttrain.data.formats import Example
 from posttrain.data.loading import load_examples, split_examples
 from posttrain.errors import ConfigError
-from posttrain.models.load import LoraSpec
+from posttrain.models.load import AdapterDisabledReference, LoraSpec, load_reference
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,12 @@ def report_truncation(stats, data: DataConfig) -> None:
     print(f"data: {', '.join(parts)} (limits: max_prompt_tokens={data.max_prompt_tokens}, "
           f"max_completion_tokens={data.max_completion_tokens}, on_overflow={data.on_overflow})",
           flush=True)
+
+
+def reference_model(model: ModelConfig, policy: nn.Module, path: str | None, device
+                    ) -> nn.Module:
+    """The frozen reference of a policy: `path` if given; else, under LoRA, the policy with
+    its adapters switched off (no second copy of the base weights); else `model.path`."""
+    if model.lora is not None and path is None:
+        return AdapterDisabledReference(policy)
+    return load_reference(path or model.path, model.dtype, device, model.trust_remote_code)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from posttrain.algos import dpo_loss, masked_sum
+from posttrain.algos import DPO_VARIANTS, dpo_loss, masked_sum
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedPair,
@@ -20,31 +20,57 @@ from posttrain.data.collate import (
 from posttrain.errors import ConfigError
 from posttrain.models.forward import sequence_logprobs
 from posttrain.models.load import (
-    AdapterDisabledReference,
     load_causal_lm,
-    load_reference,
     load_tokenizer,
 )
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
-from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval, report_truncation
+from posttrain.trainers.common import (
+    DataConfig,
+    ModelConfig,
+    load_train_eval,
+    reference_model,
+    report_truncation,
+)
 from posttrain.trainers.reward import pair_length
 
 
 @dataclass(frozen=True)
 class DPOLossConfig:
-    variant: Literal["sigmoid", "ipo"] = doc("sigmoid (DPO, cDPO with label_smoothing) or ipo.",
-                                             "sigmoid")
-    beta: float = doc("β: strength of the implicit KL to the reference.", 0.1)
+    variant: str = doc(
+        "A DPO variant (posttrain.algos.DPO_VARIANTS): sigmoid (DPO; cDPO with "
+        "label_smoothing), ipo, simpo (reference-free, length-normalised; set beta to 2.0-2.5) "
+        "or orpo (reference-free, NLL + odds ratio). simpo and orpo load no reference model.",
+        "sigmoid")
+    beta: float = doc("β: strength of the implicit KL to the reference (SimPO: the reward "
+                      "scale, paper 2.0–2.5; ORPO: unused).", 0.1)
     beta_chosen: float | None = doc("β⁺ for the chosen response (asymmetric β).", None)
     beta_rejected: float | None = doc("β⁻ for the rejected response (asymmetric β).", None)
     label_smoothing: float = doc("ε of conservative DPO (cDPO), in [0, 0.5).", 0.0)
     reference_free: bool = doc("Drop the reference model from the loss.", False)
     dpop_lambda: float = doc("λ_p of DPO-P: penalise lowering the chosen log-prob.", 0.0)
     sft_alpha: float = doc("α of DPO+SFT: add α·NLL(chosen), token mean (0.1–0.5).", 0.0)
+    simpo_gamma: float = doc("γ of SimPO: the target reward margin (TRL's simpo_gamma; the "
+                             "paper uses γ/β ≈ 0.5).", 0.5)
+    orpo_lambda: float = doc("λ of ORPO: weight of the odds-ratio term next to the NLL of the "
+                             "chosen response (paper: 0.1).", 0.1)
     reference: str | None = doc("Reference model path (default: model.path; with LoRA the "
                                 "base model with adapters off).", None)
     precompute_reference: bool = doc("Compute reference log-probs once for the whole data set "
                                      "before training (the reference is frozen).", True)
+
+    def __post_init__(self) -> None:
+        # an unknown name is a ConfigError that lists the known ones
+        needs_reference = DPO_VARIANTS.attr(self.variant, "needs_reference")
+        if self.dpop_lambda and not needs_reference:
+            raise ConfigError(f"dpop_lambda (DPO-P) needs a reference model; variant "
+                              f"{self.variant!r} has none")
+        if self.orpo_lambda < 0:
+            raise ConfigError(f"orpo_lambda must be >= 0, got {self.orpo_lambda}")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares with a reference model (so one is loaded)."""
+        return DPO_VARIANTS.attr(self.variant, "needs_reference") and not self.reference_free
 
 
 @dataclass(frozen=True)
@@ -80,12 +106,8 @@ class DPOTrainer(Trainer):
         self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = None
-        if not d.reference_free:
-            if m.lora is not None and d.reference is None:
-                self.reference = AdapterDisabledReference(self.model)
-            else:
-                self.reference = load_reference(d.reference or m.path, m.dtype, self.device,
-                                                m.trust_remote_code)
+        if d.uses_reference:
+            self.reference = reference_model(m, self.model, d.reference, self.device)
         train, held = load_train_eval(config.data, "preference", config.run.seed)
         stats = TokenStats()
         pairs = tokenize_preferences(train, self.tokenizer, config.data.truncation, stats)
@@ -153,7 +175,9 @@ class DPOTrainer(Trainer):
         return dpo_loss(chosen, rejected, ref_c, ref_r, variant=d.variant, beta=d.beta,
                         beta_chosen=d.beta_chosen, beta_rejected=d.beta_rejected,
                         label_smoothing=d.label_smoothing, reference_free=d.reference_free,
-                        dpop_lambda=d.dpop_lambda, sft_alpha=d.sft_alpha, chosen_nll=chosen_nll)
+                        dpop_lambda=d.dpop_lambda, sft_alpha=d.sft_alpha, chosen_nll=chosen_nll,
+                        chosen_tokens=counts[:n], rejected_tokens=counts[n:],
+                        simpo_gamma=d.simpo_gamma, orpo_lambda=d.orpo_lambda)
 
     def micro_loss(self, items, totals):
         out = self._losses(items, "train")

@@ -55,11 +55,9 @@ from posttrain.models.forward import (
     sequence_logprobs,
 )
 from posttrain.models.load import (
-    AdapterDisabledReference,
     enable_gradient_checkpointing,
     load_causal_lm,
     load_critic,
-    load_reference,
     load_tokenizer,
     save_model,
 )
@@ -69,7 +67,7 @@ from posttrain.rollout.experience import Experience
 from posttrain.tracking.metrics import read_jsonl
 from posttrain.trainers.accumulate import join_job
 from posttrain.trainers.base import LoopConfig, OptimConfig, Trainer, lr_lambda
-from posttrain.trainers.common import DataConfig, ModelConfig, report_truncation
+from posttrain.trainers.common import DataConfig, ModelConfig, reference_model, report_truncation
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +306,7 @@ class RLTrainer(Trainer):
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = None
         if a.kl_placement != "none" or config.eval.kl_to_reference:
-            if m.lora is not None and config.reference is None:
-                self.reference = AdapterDisabledReference(self.model)
-            else:
-                self.reference = load_reference(config.reference or m.path, m.dtype,
-                                                self.device, m.trust_remote_code)
+            self.reference = reference_model(m, self.model, config.reference, self.device)
         self.critic = None
         if a.needs_critic:
             path, init = self._critic_source()

@@ -12,12 +12,15 @@ from posttrain.data.collate import (
     TruncationPolicy,
     collate_pairs,
     collate_sequences,
+    collate_unpaired,
     encode_messages,
+    kl_pairs,
     micro_batches_by_tokens,
     pad,
     tokenize_preferences,
     tokenize_prompts,
     tokenize_sft,
+    tokenize_unpaired,
 )
 from posttrain.data.formats import validate_record
 from posttrain.errors import ConfigError, DataError
@@ -140,3 +143,38 @@ def test_micro_batches_are_deterministic():
     assert micro_batches_by_tokens(lengths, 18) == micro_batches_by_tokens(lengths, 18)
     assert micro_batches_by_tokens(lengths, 18) == [[1, 2], [0, 3, 4]]
     assert torch.equal(pad([[1]], 0), torch.tensor([[1]]))
+
+
+def test_unpaired_tokenisation_collation_and_kl_pairs(tiny_tokenizer):
+    tok = tiny_tokenizer
+    exs = [ex({"prompt": "1+2=", "completion": "3", "label": True}, "u line 1"),
+           ex({"prompt": "5+5=", "completion": "10", "label": False}, "u line 2"),
+           ex({"prompt": "9=", "completion": "777", "label": True}, "u line 3")]
+    items = tokenize_unpaired(exs, tok)
+    assert [tok.decode(i.prompt_ids) for i in items] == ["1+2=", "5+5=", "9="]
+    assert [tok.decode(i.completion_ids) for i in items] == ["3<eos>", "10<eos>", "777<eos>"]
+    assert [i.desirable for i in items] == [True, False, True]
+    b = collate_unpaired(items, tok.pad_token_id)
+    # "1+2=3<eos>" 6 tokens, "5+5=10<eos>" 7, "9=777<eos>" 6: right-padded to 7
+    assert b["input_ids"].shape == (3, 7)
+    assert b["attention_mask"].sum(1).tolist() == [6, 7, 6]
+    assert b["loss_mask"][0].tolist() == [False] * 4 + [True] * 2 + [False]
+    assert b["loss_mask"][2].tolist() == [False, False, True, True, True, True, False]
+    # KTO's mismatched pairs: prompt i with the completion of i - 1 (TRL's shift by one)
+    kl = kl_pairs(items)
+    assert [tok.decode(k.prompt_ids + k.completion_ids) for k in kl] == [
+        "1+2=777<eos>", "5+5=3<eos>", "9=10<eos>"]
+    assert kl[1].where == "u line 2 + completion of u line 1"
+    # truncation applies as for pairs; other kinds are refused
+    short = tokenize_unpaired(exs, tok, TruncationPolicy(max_completion_tokens=2))
+    assert tok.decode(short[2].completion_ids) == "77"
+    with pytest.raises(DataError, match="u line 9: expected prompt\\+completion\\+label"):
+        tokenize_unpaired([ex({"prompt": "a", "completion": "b"}, "u line 9")], tok)
+
+
+def test_preference_margin_reaches_the_tokenized_pair(tiny_tokenizer):
+    pairs = tokenize_preferences([ex({"prompt": "1=", "chosen": "1", "rejected": "2",
+                                      "margin": 1.5}),
+                                  ex({"prompt": "1=", "chosen": "1", "rejected": "2"})],
+                                 tiny_tokenizer)
+    assert [p.margin for p in pairs] == [1.5, None]

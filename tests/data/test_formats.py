@@ -6,13 +6,19 @@ import json
 
 import pytest
 
-from posttrain.data.formats import detect_kind, validate_record
+from posttrain.data.formats import (
+    detect_kind,
+    distinct_prompts,
+    unpair_preferences,
+    validate_record,
+)
 from posttrain.data.loading import load_examples, read_records, shuffled, split_examples
 from posttrain.errors import DataError
 
 RECORDS = {
     "prompt": {"prompt": "1+2=", "answer": "3"},
     "preference": {"prompt": "q:", "chosen": "good", "rejected": "bad"},
+    "unpaired": {"prompt": "q:", "completion": "good", "label": True},
     "completion": {"prompt": "1+2=", "completion": "3"},
     "messages": {"messages": [{"role": "user", "content": "hi"},
                               {"role": "assistant", "content": "hello"}]},
@@ -95,6 +101,23 @@ def test_blank_lines_are_skipped(tmp_path):
         (b'{"prompt": "q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}\n',
          "preference", r"mix strings and message lists"),
         (b'{"foo": 1}\n', None, r"line 1: cannot tell the record kind"),
+        (b'{"prompt": "q", "completion": "a", "label": true}\n'
+         b'{"prompt": "q", "completion": "b", "label": 1}\n', "unpaired",
+         r"d\.jsonl line 2: field 'label': expected true \(desirable\) or false "
+         r"\(undesirable\), got 1"),
+        (b'{"prompt": "q", "completion": "a", "label": "yes"}\n', None,
+         r"line 1: field 'label': expected true .* got 'yes'"),
+        (b'{"prompt": "q", "completion": "a"}\n', "unpaired",
+         r"line 1: missing field 'label' \(a 'unpaired' record needs prompt, completion, "
+         r"label"),
+        (b'{"prompt": "q", "completion": null, "label": false}\n', "unpaired",
+         r"line 1: field 'completion': expected a string or a list of messages, got null"),
+        (b'{"prompt": "q", "chosen": "a", "rejected": "b", "margin": "big"}\n', "preference",
+         r"line 1: field 'margin': expected a finite number .* got 'big'"),
+        (b'{"prompt": "q", "chosen": "a", "rejected": "b", "margin": true}\n', "preference",
+         r"line 1: field 'margin': expected a finite number"),
+        (b'{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}\n', "preference",
+         r"line 1: field 'margin': expected a finite number"),
     ],
 )
 def test_malformed_input_names_where(tmp_path, content, kind, message):
@@ -125,3 +148,33 @@ def test_split_and_shuffle_are_seeded():
     assert shuffled(list(range(10)), 3) == shuffled(list(range(10)), 3)
     with pytest.raises(DataError, match="eval_fraction"):
         split_examples(exs, 1.0)
+
+
+def test_unpaired_records_and_margins():
+    ex = validate_record({"prompt": "q:", "completion": "bad", "label": False, "id": 3}, "w")
+    assert (ex.kind, ex.prompt, ex.completion, ex.label, ex.extra) == (
+        "unpaired", "q:", "bad", False, {"id": 3})
+    # a margin column is kept (as a float) for the reward model; null means "no margin"
+    pair = validate_record({"prompt": "q", "chosen": "a", "rejected": "b", "margin": 2}, "w")
+    assert pair.extra["margin"] == 2.0 and isinstance(pair.extra["margin"], float)
+    none = validate_record({"prompt": "q", "chosen": "a", "rejected": "b", "margin": None}, "w")
+    assert none.extra["margin"] is None
+
+
+def test_unpair_preferences_gives_chosen_true_then_rejected_false():
+    pairs = [validate_record({"prompt": "p1", "chosen": "a", "rejected": "b", "k": 1},
+                             "d.jsonl line 1"),
+             validate_record({"prompt": "p2", "chosen": "c", "rejected": "d", "k": 2},
+                             "d.jsonl line 2")]
+    out = unpair_preferences(pairs)
+    assert [(e.kind, e.prompt, e.completion, e.label, e.extra["k"]) for e in out] == [
+        ("unpaired", "p1", "a", True, 1), ("unpaired", "p1", "b", False, 1),
+        ("unpaired", "p2", "c", True, 2), ("unpaired", "p2", "d", False, 2)]
+    assert out[1].where == "d.jsonl line 1 (rejected)"
+    assert all(e.chosen is None and e.rejected is None for e in out)
+    # unpaired examples pass through; other kinds are an error naming the record
+    assert unpair_preferences(out[:1]) == out[:1]
+    with pytest.raises(DataError, match=r"t line 4: expected a preference or unpaired"):
+        unpair_preferences([validate_record({"text": "x"}, "t line 4")])
+    # each prompt once, in order
+    assert [e.prompt for e in distinct_prompts(out)] == ["p1", "p2"]

@@ -9,3 +9,8 @@ def short_answers(prompts, responses, **columns):
 def constant_one(prompts, responses, **columns):
     # every response scores the same: no group has reward variance
     return [1.0 for _ in responses]
+
+
+def starts_with_seven(prompts, responses, **columns):
+    # a bandit on the first answer token: the fast learning check's reward
+    return [1.0 if r.startswith("7") else 0.0 for r in responses]

@@ -90,6 +90,13 @@ def test_critic_free_rl_two_processes_equal_one(stages, tmp_path):
     compare(["rl", "--preset", "grpo", *RL], "grpo", "loss/policy", tmp_path, stages)
 
 
+@pytest.mark.parametrize("preset", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_global_whitening_two_processes_equal_one(preset, stages, tmp_path):
+    # the advantages are whitened with the mean and variance of every rank's tokens: with
+    # local statistics the two runs' losses and weights would part at the first step
+    compare(["rl", "--preset", preset, *RL], preset, "loss/policy", tmp_path, stages)
+
+
 def test_critic_rl_two_processes_equal_one(stages, tmp_path):
     # ppo: the critic is trained in parallel too, and the adaptive KL sees the global KL
     compare(["rl", "--preset", "ppo", *RL], "ppo", "loss/value", tmp_path, stages, critic=True)

@@ -1,0 +1,299 @@
+"""Every RL option reaches the loss it names: each test fails if the option is ignored or
+wired wrong (an argument swapped, the wrong estimator, the wrong aggregation).
+
+The expected values are computed independently of the trainer's wiring: log-probs and
+entropies from the model's own logits (a plain softmax over the vocabulary), the estimators
+and aggregations written out by hand below. The hand experience: prompt "1+2=", responses
+"3<eos>" (2 tokens) and "4" (1 token; its second position is padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from posttrain.rollout.experience import Experience
+from posttrain.trainers.rl import RLTrainer
+from tests.trainers.test_rl import rl_config, rows_of
+
+MASK = torch.tensor([[True, True], [True, False]])
+
+
+@pytest.fixture(scope="module")
+def trainer(arithmetic_dir, arithmetic_sft_model, tmp_path_factory):
+    t = RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path_factory.mktemp("opts"),
+                            run={"name": "options"}))
+    t.build_optimizer()
+    return t
+
+
+@pytest.fixture
+def algo(trainer):
+    """Set `trainer.algo` fields for one test; restored afterwards."""
+    original = trainer.algo
+
+    def set_(**fields):
+        trainer.algo = dataclasses.replace(original, **fields)
+        return trainer.algo
+
+    yield set_
+    trainer.algo = original
+
+
+def experience(t: RLTrainer, advantages, scores=(1.0, 0.0), truncated=(False, False)):
+    tok = t.tokenizer
+    prompt = tok("1+2=").input_ids
+    rows = [prompt + tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            for a in ("3", "4")]
+    ids = torch.tensor(rows)
+    exp = Experience(input_ids=ids, attention_mask=torch.ones_like(ids, dtype=torch.bool),
+                     response_mask=MASK.clone(), group_ids=torch.zeros(2, dtype=torch.long),
+                     truncated=torch.tensor(truncated), prompts=("1+2=",) * 2,
+                     texts=("3", "4"), scores=torch.tensor(scores))
+    exp = t.score(exp)
+    # a reference that differs from the policy, so every KL term is non-zero
+    ref = exp.old_logp - torch.tensor([[0.3, -0.2], [0.5, 0.0]])
+    return exp.replace(ref_logp=torch.where(MASK, ref, 0.0),
+                       advantages=torch.where(MASK, torch.tensor(advantages)[:, None], 0.0))
+
+
+def logits_view(t: RLTrainer, exp: Experience):
+    """(log π, H) of the response tokens, straight from the logits (temperature 1)."""
+    with torch.no_grad():
+        logits = t.model(input_ids=exp.input_ids).logits.float()
+    p = exp.input_ids.shape[1] - 2
+    logsm = torch.log_softmax(logits[:, p - 1 : p + 1], -1)
+    logp = logsm.gather(-1, exp.input_ids[:, p:, None]).squeeze(-1)
+    entropy = -(logsm.exp() * logsm).sum(-1)
+    return logp, entropy
+
+
+def seq_mean_token_mean(x):  # rows [x00, x01] and [x10]
+    return ((x[0][0] + x[0][1]) / 2 + x[1][0]) / 2
+
+
+def token_mean(x):
+    return (x[0][0] + x[0][1] + x[1][0]) / 3
+
+
+def loss_of(t: RLTrainer, exp: Experience) -> float:
+    with torch.no_grad():
+        loss, _ = t.policy_loss(exp, t.step_counts(exp))
+    return float(loss)
+
+
+def test_step_counts_are_the_batchs(trainer):
+    counts = trainer.step_counts(experience(trainer, [0.0, 0.0]))
+    assert (counts.tokens, counts.seqs, counts.rows) == (3.0, 2.0, 2.0)
+    assert counts.norm_len == trainer.config.rollout.max_new_tokens
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_in_loss_is_beta_times_the_configured_estimator_of_policy_vs_reference(
+        trainer, algo, estimator):
+    """Advantages 0: the loss is β·agg(k(log ρ)), log ρ = log π_ref − log π_θ."""
+    algo(kl_placement="loss", kl_estimator=estimator, entropy_coef=0.0)
+    exp = experience(trainer, [0.0, 0.0])
+    logp, _ = logits_view(trainer, exp)
+    log_rho = (exp.ref_logp - logp).tolist()
+    k = {"k1": lambda r: -r, "k2": lambda r: 0.5 * r * r,
+         "k3": lambda r: math.expm1(r) - r}[estimator]
+    expected = trainer.kl_ctl.value * seq_mean_token_mean([[k(v) for v in row]
+                                                            for row in log_rho])
+    assert abs(expected) > 1e-4
+    assert loss_of(trainer, exp) == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_kl_placement_none_and_reward_put_no_kl_in_the_loss(trainer, algo):
+    exp = experience(trainer, [0.0, 0.0])
+    for placement in ("none", "reward"):
+        algo(kl_placement=placement)
+        assert loss_of(trainer, exp) == 0.0, placement
+
+
+def test_entropy_bonus_is_minus_its_coefficient_times_the_entropy(trainer, algo):
+    algo(kl_placement="none", entropy_coef=0.05)
+    exp = experience(trainer, [0.0, 0.0])
+    _, entropy = logits_view(trainer, exp)
+    expected = -0.05 * seq_mean_token_mean(entropy.tolist())
+    assert loss_of(trainer, exp) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean",
+                                  "seq-mean-token-sum-norm"])
+def test_the_configured_aggregation_is_the_one_applied(trainer, algo, mode):
+    """On-policy (ratio 1) the clipped surrogate is −A per token; A = [2, −1]."""
+    algo(kl_placement="none", aggregation=mode)
+    exp = experience(trainer, [2.0, -1.0])
+    per_token = [[-2.0, -2.0], [1.0]]
+    t_max = trainer.config.rollout.max_new_tokens
+    expected = {"token-mean": token_mean(per_token),
+                "seq-mean-token-mean": seq_mean_token_mean(per_token),
+                "seq-mean-token-sum-norm": (-4.0 / t_max + 1.0 / t_max) / 2}[mode]
+    exp = exp.replace(old_logp=logits_view(trainer, exp)[0])  # ratio exactly 1
+    assert loss_of(trainer, exp) == pytest.approx(expected, rel=1e-5)
+
+
+def test_positive_example_lm_loss_is_the_nll_of_the_correct_responses(trainer, algo):
+    """Scores [1, 0] with threshold 0.5: only row 0 is correct; μ·token-mean NLL over it."""
+    algo(kl_placement="none", positive_lm_coef=0.1, positive_threshold=0.5)
+    exp = experience(trainer, [0.0, 0.0])
+    logp, _ = logits_view(trainer, exp)
+    expected = 0.1 * -(float(logp[0, 0]) + float(logp[0, 1])) / 2
+    assert trainer.step_counts(exp).positive_tokens == 2.0
+    assert loss_of(trainer, exp) == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_policy_losses_clip_numbers_reach_it(trainer, algo):
+    """A ratio of e^0.5 ≈ 1.65 with A = 1: clipped at 1 + clip_high (PPO's clip)."""
+    exp = experience(trainer, [1.0, 1.0])
+    logp, _ = logits_view(trainer, exp)
+    exp = exp.replace(old_logp=torch.where(MASK, logp - 0.5, 0.0))
+    for high in (0.2, 0.4):
+        algo(kl_placement="none", clip_high=high, aggregation="token-mean")
+        assert loss_of(trainer, exp) == pytest.approx(-(1 + high), rel=1e-5)
+    algo(kl_placement="none", policy_loss="sapo", tau_pos=2.0, aggregation="token-mean")
+    # SAPO: −(4/τ)·σ(τ·(r − 1))·A with τ = τ_pos for A > 0
+    r = math.exp(0.5)
+    assert loss_of(trainer, exp) == pytest.approx(-(4 / 2.0) / (1 + math.exp(-2.0 * (r - 1))),
+                                                  rel=1e-5)
+
+
+def test_reward_clip_and_whitening_shape_the_sequence_reward(trainer, algo):
+    exp = experience(trainer, [0.0, 0.0], scores=(3.0, -2.0))
+    algo(kl_placement="none", reward_clip=1.0)
+    last = trainer.shape(exp).token_rewards
+    assert last[0, 1] == 1.0 and last[1, 0] == -1.0  # at each row's last counted token
+    algo(kl_placement="none", reward_whiten=True)
+    shaped = trainer.shape(exp).token_rewards
+    # scale only: (x − mean)/std + mean, unbiased std of [3, −2] = 5/√2
+    mean, std = 0.5, 5 / math.sqrt(2)
+    assert_close(shaped[0, 1], torch.tensor((3.0 - mean) / std + mean), atol=1e-5, rtol=0)
+    assert_close(shaped[1, 0], torch.tensor((-2.0 - mean) / std + mean), atol=1e-5, rtol=0)
+
+
+def test_overlong_mask_drops_the_truncated_response_from_loss_and_group(trainer, algo):
+    """Row 1 truncated: masked out, advantage 0, and not part of its group's statistics
+    (which then has one valid row and gives it no advantage either)."""
+    algo(kl_placement="none", overlong="mask")
+    exp = experience(trainer, [0.0, 0.0], scores=(1.0, 0.0), truncated=(False, True))
+    shaped = trainer.shape(exp)
+    assert shaped.response_mask[1].sum() == 0 and shaped.response_mask[0].all()
+    adv = trainer.advantages(shaped).advantages
+    assert torch.equal(adv, torch.zeros_like(adv))
+    # without the mask, the same scores give the two rows opposite advantages
+    algo(kl_placement="none", overlong="none")
+    adv = trainer.advantages(trainer.shape(exp)).advantages
+    assert adv[0, 0] > 0 > adv[1, 0]
+
+
+@pytest.mark.parametrize("mode", ["none", "group", "global"])
+def test_the_configured_whitening_is_applied(trainer, algo, mode):
+    """GRPO advantages of four rows in two groups, then the whitening of the config."""
+    algo(kl_placement="none", whiten=mode)
+    exp = experience(trainer, [0.0, 0.0])
+    exp = Experience.concat([exp, exp], trainer.tokenizer.pad_token_id)
+    exp = exp.replace(group_ids=torch.tensor([0, 0, 1, 1]),
+                      scores=torch.tensor([1.0, 0.0, 3.0, 1.0]),
+                      response_mask=torch.ones(4, 2, dtype=torch.bool))
+    adv = trainer.advantages(trainer.shape(exp)).advantages
+    # GRPO gives ±(x − mean)/std = ±1/√2 in both groups; every token of a row carries it
+    c = 1 / math.sqrt(2)
+    if mode == "none":
+        assert_close(adv, torch.tensor([[c, c], [-c, -c], [c, c], [-c, -c]]), atol=1e-4,
+                     rtol=0)
+        return
+    parts = [adv[:2], adv[2:]] if mode == "group" else [adv]
+    for part in parts:  # zero mean, unit (unbiased) variance over the tokens whitened
+        assert abs(float(part.mean())) < 1e-5
+        assert float(part.std()) == pytest.approx(1.0, abs=1e-4)
+    if mode == "global":  # one batch statistic: ±c/std(±c over 8 tokens) = ±√(7/8)
+        assert float(adv[0, 0]) == pytest.approx(math.sqrt(7 / 8), abs=1e-4)
+
+
+def test_value_loss_uses_its_own_aggregation(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    t = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, run={"name": "vagg"},
+                            algo={"value_aggregation": "token-mean", "value_clip": None}))
+    t.build_optimizer()
+    exp = experience(t, [0.0, 0.0])
+    exp = exp.replace(returns=torch.where(MASK, exp.values + torch.tensor([[1.0, 2.0],
+                                                                           [4.0, 0.0]]), 0.0))
+    with torch.no_grad():
+        loss, _ = t.value_loss(exp, t.step_counts(exp))
+    # ½·(V − Ret)² = ½, 2, 8 per token; token-mean, not the policy's seq-mean-token-mean
+    assert float(loss) == pytest.approx((0.5 + 2.0 + 8.0) / 3, rel=1e-5)
+
+
+def test_ptx_adds_its_coefficient_times_the_token_mean_nll(arithmetic_dir,
+                                                           arithmetic_sft_model, tmp_path):
+    t = RLTrainer(rl_config(arithmetic_dir, "ppo_ptx", tmp_path, run={"name": "ptx"},
+                            algo={"ptx_coef": 0.5, "ptx_batch_size": 3}))
+    t.build_optimizer()
+    jobs = t.ptx_jobs()
+    assert jobs
+    with torch.no_grad():
+        total = sum(float(job()[0]) for job in jobs)
+    items = t.ptx_items[:3]  # step 0 takes the first ptx_batch_size texts
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([it.input_ids])
+            logsm = torch.log_softmax(t.model(input_ids=ids).logits.float()[0, :-1], -1)
+            for pos in range(1, len(it.input_ids)):
+                if it.loss_mask[pos]:
+                    nll -= float(logsm[pos - 1, it.input_ids[pos]])
+                    count += 1
+    assert total == pytest.approx(0.5 * nll / count, rel=1e-4)
+
+
+def test_value_pretraining_trains_the_critic_and_leaves_the_policy(arithmetic_dir,
+                                                                    arithmetic_sft_model,
+                                                                    tmp_path):
+    t = RLTrainer(rl_config(arithmetic_dir, "vc_ppo", tmp_path, run={"name": "vpre"},
+                            rollout={"prompts_per_step": 4},
+                            algo={"value_pretrain_steps": 2}))
+    t.build_optimizer()
+    policy = [p.detach().clone() for p in t.model.parameters()]
+    critic = [p.detach().clone() for p in t.critic.parameters()]
+    t.pretrain_values()
+    assert all(torch.equal(p, q) for p, q in zip(t.model.parameters(), policy, strict=True))
+    assert any(not torch.equal(p, q) for p, q in zip(t.critic.parameters(), critic,
+                                                     strict=True))
+
+
+@pytest.mark.parametrize("controller", ["adaptive", "ppo_adaptive"])
+def test_the_kl_controller_follows_its_rule_after_a_step(arithmetic_dir, arithmetic_sft_model,
+                                                          tmp_path, controller):
+    t = RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path,
+                            run={"name": controller, "steps": 1, "eval_every": 0,
+                                 "log_every": 1},
+                            rollout={"prompts_per_step": 2}, eval={"prompts": 4},
+                            algo={"kl_controller": controller, "kl_target": 100.0,
+                                  "kl_horizon": 100.0}))
+    beta = t.kl_ctl.value
+    t.train()
+    kl = next(r["kl/ref_seq"] for r in rows_of(t.run_dir) if "kl/ref_seq" in r)
+    n = 2 * t.config.rollout.samples_per_prompt
+    assert kl < 100.0 / 1.5  # far below the target
+    if controller == "adaptive":  # e = clip(KL/target − 1, ±0.2) = −0.2; n = 16 samples
+        assert t.kl_ctl.value == pytest.approx(beta * (1 - 0.2 * n / 100.0))
+    else:  # KL < target/1.5: β halves
+        assert t.kl_ctl.value == pytest.approx(beta / 2)
+
+
+def test_the_reference_is_not_the_policy_kl_grows_from_zero(arithmetic_dir,
+                                                            arithmetic_sft_model, tmp_path):
+    """k3 (≥ 0, and 0 only where π_θ = π_ref): 0 at the first step, then > 0 once the
+    policy has moved; a reference that were secretly the policy would stay at 0."""
+    t = RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path,
+                            run={"name": "klgrows", "steps": 3, "eval_every": 0,
+                                 "log_every": 1},
+                            rollout={"prompts_per_step": 2}, eval={"prompts": 4},
+                            algo={"mini_batches": 1}, optim={"lr": 1e-3}))
+    t.train()
+    kl = [r["kl/ref_loss"] for r in rows_of(t.run_dir) if "kl/ref_loss" in r]
+    assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4, kl

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from posttrain import pipeline
 from posttrain.cli import main
@@ -89,3 +91,15 @@ def test_resume_flag_continues_a_run(arithmetic_dir, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed from" in second.stdout and "step 2" in second.stdout
     assert "finished 4 steps" in second.stdout
+    # and it continued exactly: the final weights are those of 4 steps straight through
+    # (the task's 20 warm-up steps make the LR of steps 1-4 independent of run.steps)
+    straight = run_cli([*args[:4], "s", *args[5:], "4"], tmp_path, arithmetic_dir.parent)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    resumed = load_file(str(tmp_path / "runs" / "r" / "final" / "model.safetensors"))
+    direct = load_file(str(tmp_path / "runs" / "s" / "final" / "model.safetensors"))
+    after_2 = load_file(str(tmp_path / "runs" / "r" / "checkpoints" / "step_2" / "model"
+                            / "model.safetensors"))
+    assert resumed.keys() == direct.keys()
+    for name in direct:
+        assert torch.equal(resumed[name], direct[name]), name
+    assert any(not torch.equal(after_2[k], direct[k]) for k in direct)  # steps 3-4 trained

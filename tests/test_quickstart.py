@@ -10,11 +10,13 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.tracking.monitors import (
+    MonitorLog,
     check_all,
     entropy_collapse,
     kl_overoptimisation,
     length_collapse,
     read_alerts,
+    read_monitor_status,
     reward_hacking,
     value_bias,
 )
@@ -50,8 +52,24 @@ def test_quickstart_ppo_beats_the_sft_model_on_gold_reward(quickstart_dir, capsy
 
 @pytest.mark.slow
 def test_healthy_run_raises_no_hacking_alarm(quickstart_dir):
-    kinds = {a.kind for a in read_alerts(quickstart_dir / "ppo-preference")}
-    assert not kinds & {"reward_hacking", "kl_overoptimisation"}
+    run = quickstart_dir / "ppo-preference"
+    rows = metrics(run)
+    # the monitors ran, and last on the whole history: every metric row up to the last step
+    status = read_monitor_status(run)
+    assert status is not None, "the monitors never ran"
+    assert status["step"] == rows[-1]["step"] and status["rows"] == len(rows), status
+    assert any("kl/ref_seq" in r for r in rows)
+    kinds = {a.kind for a in read_alerts(run)}
+    assert not kinds & {"reward_hacking", "kl_overoptimisation"}, kinds
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the quickstart's PPO run evaluates gold reward once "
+                   "after step 0; the reward-hacking and KL monitors need 3 points to judge, "
+                   "so 'no alarm' there says nothing yet (evaluate more often: issue 15)")
+def test_the_healthy_run_gives_the_monitors_enough_to_judge(quickstart_dir):
+    rows = metrics(quickstart_dir / "ppo-preference")
+    assert len([r for r in rows if "eval/gold_sampled" in r and r["step"] > 0]) >= 3
 
 
 CHECK_SCRIPT = """
@@ -134,6 +152,19 @@ def test_other_monitors_by_hand():
     flat = [{"step": s, "mean_advantage": [0.0] * 15, "tokens": [4] * 15} for s in range(1, 21)]
     assert value_bias(flat) is None
     assert check_all([], []) == []
+
+
+def test_monitor_log_records_what_it_checked_even_without_alerts(tmp_path):
+    assert read_monitor_status(tmp_path) is None  # never ran
+    log = MonitorLog(tmp_path)
+    healthy = rows_from([(1, {"policy/entropy": 2.0}), (2, {"policy/entropy": 1.9})])
+    assert log.update(healthy) == []
+    assert not (tmp_path / "alerts.jsonl").exists()
+    assert read_monitor_status(tmp_path) == {"step": 2, "rows": 2, "positions": 0}
+    collapsed = [*healthy, {"step": 3, "policy/entropy": 0.1}]
+    assert [a.kind for a in log.update(collapsed)] == ["entropy_collapse"]
+    assert [a.kind for a in read_alerts(tmp_path)] == ["entropy_collapse"]
+    assert read_monitor_status(tmp_path) == {"step": 3, "rows": 3, "positions": 0}
 
 
 @pytest.mark.slow

@@ -9,6 +9,12 @@ training goes wrong in one of the ways ALGORITHMS.md section 7 names.
 
 Each check is a pure function of the history, so the same warnings appear live (the RL
 trainer runs them at every log step) and in the report.
+
+A run's directory holds `alerts.jsonl` (each kind of alert, once, when it first fired) and
+`monitors.json`, rewritten at every check: the step of the last metric row checked and how many
+rows (and advantage-by-position rows) were checked. A run without alerts.jsonl but with a
+`monitors.json` at its last step was watched and stayed healthy; one without `monitors.json`
+was never watched (`read_monitor_status`).
 """
 
 from __future__ import annotations
@@ -166,10 +172,12 @@ def check_all(rows: Sequence[Row], positions: Sequence[dict] = ()) -> list[Alert
 
 class MonitorLog:
     """Runs the checks on a growing history; each kind of alert is printed and written to
-    `alerts.jsonl` once (the first time it fires)."""
+    `alerts.jsonl` once (the first time it fires), and `monitors.json` records what was last
+    checked (see the module docstring)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / "alerts.jsonl"
+        self.status_path = Path(run_dir) / "monitors.json"
         self.seen: set[str] = set()
         if self.path.exists():
             self.seen = {json.loads(line)["kind"] for line in self.path.open() if line.strip()}
@@ -181,6 +189,11 @@ class MonitorLog:
             print(f"WARNING (step {alert.step}): {alert.message}", flush=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(asdict(alert)) + "\n")
+        status = {"step": int(rows[-1]["step"]) if rows else None, "rows": len(rows),
+                  "positions": len(positions)}
+        tmp = self.status_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(status))
+        tmp.replace(self.status_path)  # atomic: never a half-written record
         return new
 
 
@@ -189,3 +202,10 @@ def read_alerts(run_dir: Path) -> list[Alert]:
     if not path.exists():
         return []
     return [Alert(**json.loads(line)) for line in path.open() if line.strip()]
+
+
+def read_monitor_status(run_dir: Path) -> dict | None:
+    """What the run's monitors last checked (`step`, `rows`, `positions`); None when they
+    never ran."""
+    path = Path(run_dir) / "monitors.json"
+    return json.loads(path.read_text()) if path.exists() else None

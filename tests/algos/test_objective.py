@@ -168,10 +168,13 @@ def test_micro_batches_with_the_steps_counts_add_up_to_the_whole_step(mode):
                      msg=key)
 
 
-def test_the_loss_gets_only_the_numbers_it_declares():
+def test_the_loss_gets_only_the_numbers_it_declares(monkeypatch):
     params = {"clip_low": 0.1, "clip_high": 0.3, "dual_clip": None, "tau_pos": 1.0}
     assert loss_arguments("clipped", params) == {"clip_low": 0.1, "clip_high": 0.3,
                                                  "dual_clip": None}
+    # the registration is undone after the test, so the suite can run twice in one process
+    monkeypatch.setattr(POLICY_LOSSES, "_items", dict(POLICY_LOSSES._items))
+    monkeypatch.setattr(POLICY_LOSSES, "_attrs", dict(POLICY_LOSSES._attrs))
 
     @POLICY_LOSSES.register("test_objective_takes_anything")
     def anything(logp, old_logp, advantages, response_mask, **numbers):

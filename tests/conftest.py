@@ -61,3 +61,20 @@ def arithmetic_sft_model(arithmetic_dir):
     from posttrain import pipeline
 
     return pipeline.ensure_sft(arithmetic_dir, QUIET)
+
+
+@pytest.fixture(scope="session")
+def arch_model(tmp_path_factory):
+    """A factory of tiny real-architecture models (posttrain.tasks.archs), each built once per
+    session: `arch_model("gpt2")`, `arch_model("gpt2", dropout=0.0)` → its directory."""
+    from posttrain.tasks.archs import make_arch_model
+
+    cache = {}
+
+    def make(arch: str, dropout: float | None = None):
+        if (arch, dropout) not in cache:
+            cache[arch, dropout] = make_arch_model(
+                arch, tmp_path_factory.mktemp(arch) / "model", dropout=dropout)
+        return cache[arch, dropout]
+
+    return make

@@ -84,19 +84,44 @@ TRAINERS = {
 }
 
 
-def _config_epilog(command: str) -> str:
-    """Every config key with its default and meaning, for `posttrain COMMAND --help`."""
+def _config_epilog(command: str, preset: str | None = None) -> str:
+    """Every config key with its effective default and meaning, for `posttrain COMMAND
+    --help`; with `--preset NAME` (rl), the values the preset sets are shown as defaults."""
     import importlib
 
     from posttrain.config import config_help
 
     module, cfg_name, _, _ = TRAINERS[command]
     rows = config_help(getattr(importlib.import_module(module), cfg_name))
+    chosen = _flatten(_help_preset(preset)) if preset else {}
     width = max(len(k) for k, _, _ in rows) + 2
-    lines = ["config keys (set in the YAML file or as --KEY VALUE):"]
+    head = f" (preset {preset})" if chosen else " (rl: add --preset NAME to see its values)" \
+        if command == "rl" else ""
+    lines = [f"config keys (set in the YAML file or as --KEY VALUE){head}:"]
     for key, default, text in rows:
-        lines.append(f"  --{key:<{width}} {text} [default: {default}]")
+        shown = f"{chosen[key]!r}, from the preset" if key in chosen else default
+        lines.append(f"  --{key:<{width}} {text} [default: {shown}]")
     return "\n".join(lines)
+
+
+def _help_preset(name: str) -> dict:
+    from posttrain import pipeline
+    from posttrain.errors import PosttrainError
+
+    try:
+        return pipeline.load_preset(name)
+    except PosttrainError:
+        return {}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _task_base(command: str, task_dir, preset: dict) -> dict:
@@ -384,8 +409,18 @@ class _TrainerParser(argparse.ArgumentParser):
     command = ""
 
     def format_help(self) -> str:
-        self.epilog = _config_epilog(self.command)
+        self.epilog = _config_epilog(self.command, _preset_in(sys.argv[1:]))
         return super().format_help()
+
+
+def _preset_in(argv: list[str]) -> str | None:
+    """The `--preset NAME` of a command line (help is printed before parsing ends)."""
+    for i, arg in enumerate(argv):
+        if arg == "--preset" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--preset="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

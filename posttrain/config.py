@@ -155,6 +155,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except ConfigError as err:
+        if prefix and str(err).startswith(prefix):  # the message names its key already
+            raise
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {err}") from None
 
 
@@ -292,22 +294,37 @@ def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def config_help(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
-    """`(key, default, help)` for every leaf field, for `--help`."""
+def config_help(cls: type, prefix: str = "", defaults: Any = None
+                ) -> list[tuple[str, str, str]]:
+    """`(key, default, help)` for every leaf field, for `--help`. A section's defaults are
+    those of the instance its parent builds (`default_factory`), not the class's: RL's
+    `optim.lr` shows RL's default, not `OptimConfig`'s."""
     rows = []
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] or (
             [tp] if dataclasses.is_dataclass(tp) else [])
+        value = _default(f, defaults)
         if inner:
-            rows += config_help(inner[0], prefix + f.name + ".")
+            rows += config_help(inner[0], prefix + f.name + ".",
+                                value if dataclasses.is_dataclass(value) else None)
             continue
-        if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
-        elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
-        else:
-            default = "(required)"
+        default = "(required)" if value is dataclasses.MISSING else repr(value)
         rows.append((prefix + f.name, default, f.metadata.get("help", "")))
     return rows
+
+
+def _default(f: dataclasses.Field, instance: Any) -> Any:
+    """The default of field `f`: `instance`'s value when given, else the field's default
+    (a section that cannot be built without required values has none)."""
+    if instance is not None:
+        return getattr(instance, f.name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        try:
+            return f.default_factory()
+        except ConfigError:  # e.g. model.path is required
+            return dataclasses.MISSING
+    return dataclasses.MISSING

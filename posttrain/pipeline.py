@@ -79,7 +79,10 @@ def ensure_sft(task_dir: Path, overrides: dict[str, Any] | None = None) -> Path:
     from posttrain.trainers.sft import SFTConfig, SFTTrainer
 
     print(f"training the SFT model for {task_dir.name} first ({final})", flush=True)
-    cfg = load_config(SFTConfig, overrides=merge(sft_base(task_dir), overrides or {}))
+    # an interrupted stage continues from its last checkpoint
+    resume = {"run": {"resume": True}}
+    cfg = load_config(SFTConfig,
+                      overrides=merge(merge(sft_base(task_dir), resume), overrides or {}))
     SFTTrainer(cfg).train()
     return final
 
@@ -106,7 +109,9 @@ def ensure_rm(task_dir: Path, overrides: dict[str, Any] | None = None) -> Path:
     from posttrain.trainers.reward import RewardModelTrainer, RMConfig
 
     print(f"training the reward model for {task_dir.name} first ({final})", flush=True)
-    cfg = load_config(RMConfig, overrides=merge(rm_base(task_dir), overrides or {}))
+    # an interrupted stage continues from its last checkpoint
+    resume = {"run": {"resume": True}}
+    cfg = load_config(RMConfig, overrides=merge(merge(rm_base(task_dir), resume), overrides or {}))
     RewardModelTrainer(cfg).train()
     return final
 

@@ -56,7 +56,8 @@ def run_pipeline(task: str, preset: str, out: Path, scale: float, progress: str)
     base = merge(preset_cfg, pipeline.rl_base(task_dir, preset_cfg))
     steps = max(10, round(150 * scale))
     over = {"run": {"output_dir": str(out), "name": f"{preset}-{task}", "steps": steps,
-                    "eval_every": max(5, steps // 5), "progress": progress},
+                    "eval_every": max(5, steps // 5), "progress": progress,
+                    "overwrite": True},  # each quickstart trains RL afresh
             "eval": {"prompts": 250 if scale >= 1 else 100}}
     if preset_cfg.get("algo", {}).get("kl_placement") == "reward" and task == "preference":
         # InstructGPT's guard against over-optimising the learned reward: keep the KL small

@@ -43,7 +43,7 @@ def test_help_lists_every_config_key(command, capsys):
          "run.steps: expected an integer, got 'many'"),
         (["--data.train", "d.jsonl"], "model.path is required"),
         (["--model.path", "/nonexistent/model", "--data.train", "d.jsonl"],
-         "cannot load the tokenizer from '/nonexistent/model' (no such directory"),
+         "model.path: no such directory '/nonexistent/model'; give a local model directory"),
     ],
 )
 def test_bad_configs_give_one_line_errors(args, message, tmp_path, capsys):

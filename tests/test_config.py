@@ -74,7 +74,8 @@ def test_yaml_errors(tmp_path):
 
 def test_help_lists_every_field_with_default_and_meaning():
     rows = {key: (default, text) for key, default, text in config_help(SFTConfig)}
-    assert rows["optim.lr"] == ("0.0001", "Peak learning rate of AdamW.")
+    # the default the SFT config builds (2e-5), not OptimConfig's own
+    assert rows["optim.lr"] == ("2e-05", "Peak learning rate of AdamW.")
     assert rows["model.path"][0] == "(required)" or rows["model.path"][0] == "''"
     assert all(text for _, text in rows.values()), [k for k, (_, t) in rows.items() if not t]
 

@@ -105,6 +105,9 @@ class LoopConfig:
     progress: Literal["auto", "rich", "plain", "none"] = doc(
         "Progress display: a bar on a terminal (auto), plain lines, or nothing.", "auto")
     resume: bool = doc("Continue from the newest complete checkpoint of this run.", False)
+    overwrite: bool = doc("Replace a finished or checkpointed run of the same name (its "
+                          "directory is deleted first); without it such a run is refused.",
+                          False)
     padding_free: bool = doc(
         "Pack each micro-batch's sequences into one row (position ids restart per sequence, "
         "no attention mask): no compute on padding, and micro_batch_tokens counts real "
@@ -147,6 +150,39 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def bf16_slowdown(model: nn.Module, tokens: int = 128, repeats: int = 3) -> float:
+    """How many times longer a forward and backward pass of `model` (batch 1, `tokens`
+    tokens, on the CPU) takes under bfloat16 autocast than in float32, measured now, best of
+    `repeats` (gradients are computed and dropped). CPUs
+    without native bf16 matrix units emulate it, and small models pay autocast's casts on
+    every op, so bf16 may save memory there but cost time."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 2
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def best(bf16: bool) -> float:
+        times = []
+        for i in range(repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = model(input_ids=ids.to(device))
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            grads = torch.autograd.grad(logits.float().mean(), params, allow_unused=True)
+            del grads  # measured only: nothing reaches .grad
+            if i:
+                times.append(time.perf_counter() - t0)
+        return min(times)
+
+    was_training = model.training
+    model.eval()  # no dropout: no random numbers drawn
+    try:
+        return best(True) / max(best(False), 1e-9)
+    finally:
+        model.train(was_training)
 
 
 def lr_lambda(optim: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -337,6 +373,20 @@ class Trainer:
         est = memory.estimate(trained, frozen, self.run.precision,
                               self.run.gradient_checkpointing)
         memory.check_fits(est, self.run.micro_batch_tokens, self.device)
+
+    keeps_dropout = False
+    """Whether the trained models keep their dropout when `model.dropout` is null."""
+
+    def switch_dropout(self) -> None:
+        """Dropout off in every trained model unless `model.dropout` (or, when it is null,
+        the trainer's `keeps_dropout`) says to keep it (posttrain.models.dropout)."""
+        from posttrain.models.dropout import disable_dropout
+
+        keep = getattr(getattr(self.config, "model", None), "dropout", None)
+        if keep if keep is not None else self.keeps_dropout:
+            return
+        for model in self.memory_models()[0]:
+            disable_dropout(model)
 
     def memory_models(self) -> tuple[list[nn.Module], list[nn.Module]]:
         """(trained, frozen) models the device holds, for the memory check."""
@@ -609,9 +659,18 @@ class Trainer:
         the logs cut back to the checkpoint."""
         main = self.dist.is_main
         if main:
+            self._claim_run_dir()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.config, self.run_dir / "config.yaml")
         self.dist.barrier()
+        if main and self.run.precision == "bf16" and self.device.type == "cpu":
+            slow = bf16_slowdown(self.memory_models()[0][0])
+            if slow > 1.25:
+                log.warning("run.precision bf16 on this CPU: a forward and backward pass took "
+                            "%.1fx as long as in float32 (measured at start: no native bf16 "
+                            "units, or a model too small to gain), so bf16 saves memory here "
+                            "but costs time; --run.precision fp32 is faster", slow)
+        self.switch_dropout()
         self.build_optimizer()
         self.check_memory()
         if self.run.resume:
@@ -628,6 +687,21 @@ class Trainer:
                 truncate_jsonl(self.run_dir / name, self.step if self.step else -1)
         self.dist.barrier()
         self.load_logs()
+
+    def _claim_run_dir(self) -> None:
+        """A fresh run does not write over another run's checkpoints or final model."""
+        held = [p for p in (self.run_dir / "checkpoints", self.run_dir / "final")
+                if p.exists() and any(p.iterdir())]
+        if not held or self.run.resume:
+            return
+        if not self.run.overwrite:
+            raise ConfigError(
+                f"run.name: {self.run_dir} already holds a run ({held[0].name}/); continue it "
+                "with --resume, pick another --run.name, or replace it with --run.overwrite "
+                "true")
+        import shutil
+
+        shutil.rmtree(self.run_dir)
 
     def _loop(self, logger: _Logger, monitors: MonitorLog | None
               ) -> Literal["finished", "interrupted"]:

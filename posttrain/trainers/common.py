@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
@@ -14,6 +16,24 @@ from posttrain.data.formats import Example
 from posttrain.data.loading import load_examples, split_examples
 from posttrain.errors import ConfigError
 from posttrain.models.load import AdapterDisabledReference, LoraSpec, load_reference
+
+
+def check_local_path(path: str, field: str) -> None:
+    """Fail at once on a local path that does not exist, instead of letting the hub client
+    retry it for a minute and blame the connection. A path is local when it starts with
+    `.`, `/` or `~`, has more than one `/` (a hub id is `name` or `owner/name`), or its first
+    part is a directory here (`models/qwen` when `models/` exists)."""
+    p = Path(path).expanduser()
+    local = path.startswith((".", "/", "~")) or len(p.parts) > 2 or (
+        len(p.parts) == 2 and Path(p.parts[0]).is_dir())
+    if not local or p.exists():
+        return
+    parent = p.parent if p.parent.is_dir() else None
+    close = difflib.get_close_matches(p.name, [c.name for c in parent.iterdir()], n=1) \
+        if parent else []
+    hint = f" (did you mean {str(parent / close[0])!r}?)" if close else ""
+    raise ConfigError(f"{field}: no such directory {path!r}{hint}; give a local model "
+                      "directory or a hub id")
 
 
 @dataclass(frozen=True)
@@ -28,10 +48,18 @@ class ModelConfig:
     lora_dropout: float = doc("LoRA dropout.", 0.0)
     lora_targets: list[str] | None = doc("Module names that get adapters (default: peft's "
                                          "choice for the architecture).", None)
+    dropout: bool | None = doc(
+        "Keep the model's dropout while training. null: the trainer's choice: SFT keeps it; "
+        "RM, DPO, KTO and RL switch every dropout off (LoRA's too), as TRL does, so that "
+        "sampling, π_old, π_ref and the update are one function (the first on-policy ratio "
+        "is exactly 1, DPO's first loss ln 2).", None)
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("model.path is required: a model directory or hub id")
+        check_local_path(self.path, "model.path")
+        if self.tokenizer:
+            check_local_path(self.tokenizer, "model.tokenizer")
 
     @property
     def lora(self) -> LoraSpec | None:

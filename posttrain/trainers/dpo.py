@@ -90,7 +90,9 @@ class PolicyEvalConfig:
 class DPOConfig:
     model: ModelConfig = doc("The policy to train, usually the SFT model.")
     data: DataConfig = doc("prompt+chosen+rejected records.")
-    optim: OptimConfig = doc("Optimiser.", default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = doc("Optimiser (the lr suits a full fine-tune of a real model, as TRL's; "
+                             "LoRA wants "
+                             "10-100x more).", default_factory=lambda: OptimConfig(lr=1e-6))
     run: RunConfig = doc("The loop.", default_factory=lambda: RunConfig(name="dpo"))
     dpo: DPOLossConfig = doc("The loss.", default_factory=DPOLossConfig)
     eval: PolicyEvalConfig = doc("Held-out evaluation of sampled responses.",

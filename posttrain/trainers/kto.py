@@ -80,7 +80,9 @@ class KTOConfig:
     data: DataConfig = doc("prompt+completion+label records (label true = desirable), or "
                            "prompt+chosen+rejected pairs, which are unpaired (chosen -> true, "
                            "rejected -> false).")
-    optim: OptimConfig = doc("Optimiser.", default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = doc("Optimiser (the lr suits a full fine-tune of a real model, as TRL's; "
+                             "LoRA wants "
+                             "10-100x more).", default_factory=lambda: OptimConfig(lr=1e-6))
     run: RunConfig = doc("The loop.", default_factory=lambda: RunConfig(name="kto"))
     kto: KTOLossConfig = doc("The loss.", default_factory=KTOLossConfig)
     eval: PolicyEvalConfig = doc("Held-out evaluation of sampled responses.",

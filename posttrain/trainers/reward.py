@@ -69,7 +69,9 @@ class RMConfig:
     model: ModelConfig = doc("The starting model: usually the SFT model (a fresh scalar head "
                              "is added) or an existing reward model.")
     data: DataConfig = doc("prompt+chosen+rejected records.")
-    optim: OptimConfig = doc("Optimiser.", default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = doc("Optimiser (the lr suits a full fine-tune of a real model; LoRA "
+                             "wants about "
+                             "10x more).", default_factory=lambda: OptimConfig(lr=1e-5))
     run: RunConfig = doc("The loop.", default_factory=lambda: RunConfig(name="rm"))
     rm: RMLossConfig = doc("The loss.", default_factory=RMLossConfig)
 

@@ -46,7 +46,7 @@ from posttrain.data.collate import (
     tokenize_sft,
 )
 from posttrain.data.formats import Example
-from posttrain.data.loading import load_examples, shuffled
+from posttrain.data.loading import load_examples, shuffled, split_examples
 from posttrain.errors import ConfigError
 from posttrain.models.forward import (
     TokenValues,
@@ -276,7 +276,9 @@ class RLConfig:
     reward: RewardConfig = doc("Reward functions.", default_factory=RewardConfig)
     algo: AlgoConfig = doc("The algorithm.", default_factory=AlgoConfig)
     rollout: RolloutConfig = doc("Sampling.", default_factory=RolloutConfig)
-    optim: OptimConfig = doc("Policy optimiser.", default_factory=lambda: OptimConfig(lr=1e-5))
+    optim: OptimConfig = doc("Policy optimiser (the lr suits a full fine-tune of a real model, as "
+                             "TRL's GRPO; LoRA wants 10-100x more).",
+                             default_factory=lambda: OptimConfig(lr=1e-6))
     run: LoopConfig = doc("The loop (run.steps counts RL steps; the batch is "
                           "rollout.prompts_per_step x rollout.samples_per_prompt).",
                           default_factory=lambda: LoopConfig(name="rl"))
@@ -302,6 +304,10 @@ class RLTrainer(Trainer):
         super().__init__(config, config.run, config.optim)
         m, a = config.model, config.algo
         self.algo = a
+        if config.preset is None and self.dist.is_main:
+            print(f"rl: no preset given; running the algo section as set (advantage "
+                  f"{a.advantage}, policy_loss {a.policy_loss}, KL {a.kl_placement} "
+                  f"{a.kl_coef}); --preset NAME starts from a named algorithm", flush=True)
         self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = None
@@ -339,7 +345,12 @@ class RLTrainer(Trainer):
     def _load_data(self, config: RLConfig) -> None:
         d = config.data
         train = load_examples(d.train, "prompt", d.split, d.limit)
-        held = load_examples(d.eval, "prompt", d.split) if d.eval else []
+        if d.eval:
+            held = load_examples(d.eval, "prompt", d.split)
+        elif d.eval_fraction > 0:  # as the other trainers: a share of the training prompts
+            train, held = split_examples(train, d.eval_fraction, config.run.seed)
+        else:
+            held = []
         stats = TokenStats()
         self.train_items = tokenize_prompts(train, self.tokenizer, d.truncation, stats)
         report_truncation(stats, d)
@@ -798,11 +809,16 @@ class RLTrainer(Trainer):
             "adv/mean": float(masked_mean(exp.advantages, mask)),
         }
         if exp.ref_logp is not None:
-            kl = kl_estimate(exp.old_logp, exp.ref_logp, "k1")
-            out["kl/ref_seq"] = float(masked_sum(kl, mask) / len(exp))
-            out["kl/ref_token"] = float(masked_mean(kl, mask))
+            # k1 (log π/π_ref summed over the response) is the unbiased estimate the KL
+            # controller reads; a batch can make it negative. k3 is never negative: the one
+            # to watch (both estimate KL(π ‖ π_ref) on the sampled tokens).
+            for name in ("k1", "k3"):
+                kl = kl_estimate(exp.old_logp, exp.ref_logp, name)
+                tail = "" if name == "k1" else "_k3"
+                out[f"kl/ref_seq{tail}"] = float(masked_sum(kl, mask) / len(exp))
+                out[f"kl/ref_token{tail}"] = float(masked_mean(kl, mask))
         else:
-            out["kl/ref_seq"] = 0.0
+            out["kl/ref_seq"] = out["kl/ref_seq_k3"] = 0.0
         if exp.values is not None:
             out["value/explained_variance"] = float(
                 algos.explained_variance(exp.values, exp.returns, mask))

@@ -36,13 +36,16 @@ class SFTEvalConfig:
 class SFTConfig:
     model: ModelConfig = doc("The model to fine-tune.")
     data: DataConfig = doc("prompt+completion, messages or text records.")
-    optim: OptimConfig = doc("Optimiser.", default_factory=OptimConfig)
+    optim: OptimConfig = doc("Optimiser (the lr suits a full fine-tune of a real model, as TRL's; "
+                             "LoRA wants "
+                             "about 10x more).", default_factory=lambda: OptimConfig(lr=2e-5))
     run: RunConfig = doc("The loop.", default_factory=lambda: RunConfig(name="sft"))
     eval: SFTEvalConfig = doc("Held-out evaluation.", default_factory=SFTEvalConfig)
 
 
 class SFTTrainer(Trainer):
     kind = "sft"
+    keeps_dropout = True  # SFT trains the model as it comes, as TRL's SFTTrainer
 
     def __init__(self, config: SFTConfig) -> None:
         super().__init__(config, config.run, config.optim)

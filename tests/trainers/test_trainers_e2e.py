@@ -24,7 +24,9 @@ from tests.conftest import QUIET
 
 @pytest.fixture(scope="session")
 def arithmetic_sft(arithmetic_dir):
-    cfg = load_config(SFTConfig, overrides=merge(pipeline.sft_base(arithmetic_dir), QUIET))
+    # the task's own SFT run, trained afresh even when the session trained it already
+    over = merge(QUIET, {"run": {"overwrite": True}})
+    cfg = load_config(SFTConfig, overrides=merge(pipeline.sft_base(arithmetic_dir), over))
     trainer = SFTTrainer(cfg)
     result = trainer.train()
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").open()]

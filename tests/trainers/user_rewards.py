@@ -14,3 +14,8 @@ def constant_one(prompts, responses, **columns):
 def starts_with_seven(prompts, responses, **columns):
     # a bandit on the first answer token: the fast learning check's reward
     return [1.0 if r.startswith("7") else 0.0 for r in responses]
+
+
+def characters(prompts, responses, **columns):
+    # the response's length in characters, /10: varies within a group even for a random model
+    return [len(r) / 10 for r in responses]

@@ -33,6 +33,7 @@ from posttrain.algos.masked import (
     masked_var,
     masked_whiten,
 )
+from posttrain.algos.mismatch import IS_CORRECTIONS, correction_weights, mismatch_metrics
 from posttrain.algos.policy_loss import (
     POLICY_LOSSES,
     cispo_policy_loss,
@@ -64,6 +65,7 @@ __all__ = [
     "AGGREGATIONS",
     "AGGREGATION_MODES",
     "DPO_VARIANTS",
+    "IS_CORRECTIONS",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LAMBDA_SCHEDULES",
@@ -81,6 +83,7 @@ __all__ = [
     "cispo_policy_loss",
     "clipped_policy_loss",
     "compute_advantages",
+    "correction_weights",
     "dpo_loss",
     "entropy_loss",
     "explained_variance",
@@ -98,6 +101,7 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mismatch_metrics",
     "nll_loss",
     "policy_lambda",
     "positive_example_mask",

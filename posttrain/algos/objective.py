@@ -75,6 +75,7 @@ def policy_objective(
     entropy_coef: float = 0.0,
     positive_mask: Tensor | None = None,
     positive_lm_coef: float = 0.0,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """The policy's loss on one micro-batch, as its share of the step's loss.
 
@@ -93,6 +94,9 @@ def policy_objective(
         entropy: (B, T) H(π_θ(·|s_t)) with gradient; with `entropy_coef` > 0 the bonus −c·H.
         positive_mask: (B, T) the response mask of the sequences marked correct; with
             `positive_lm_coef` > 0, μ·NLL over them, token-mean over `counts.positive_tokens`.
+        token_weight: (B, T) a weight on each token's policy loss, without gradient: the
+            importance correction for a sampling engine that is not the trainer
+            (`posttrain.algos.mismatch`); the KL, entropy and LM terms are not weighted.
 
     Returns:
         the scalar loss and metrics: loss/policy (the total), loss/surrogate, loss/kl,
@@ -105,6 +109,9 @@ def policy_objective(
     fn = POLICY_LOSSES.get(policy_loss)
     surrogate, loss_metrics = fn(logp, old_logp, advantages, response_mask,
                                  **loss_arguments(policy_loss, loss_params or {}))
+    if token_weight is not None:
+        weight = check_like("token_weight", token_weight, "logp", logp).detach()
+        surrogate = surrogate * weight.to(surrogate.dtype)
     # this micro-batch's share of the step's tokens: metric means become step-level means
     share = counted.sum().to(logp.dtype) / max(float(counts.tokens), 1.0)
     terms = {"surrogate": _aggregate(surrogate, counted, aggregation, counts)}

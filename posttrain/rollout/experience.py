@@ -19,7 +19,7 @@ from posttrain.errors import ShapeError
 
 _PER_SAMPLE_TENSORS = (
     "input_ids", "attention_mask", "response_mask", "group_ids", "truncated", "scores",
-    "old_logp", "ref_logp", "values", "token_rewards", "advantages", "returns",
+    "old_logp", "behavior_logp", "ref_logp", "values", "token_rewards", "advantages", "returns",
 )
 
 
@@ -35,6 +35,7 @@ class Experience:
     meta: dict[str, list[Any]] = field(default_factory=dict)  # other dataset columns, (B,) each
     scores: Tensor | None = None  # (B,) sequence reward R(x, y)
     old_logp: Tensor | None = None  # (B, T) log π_old(a_t|s_t), recorded before the update
+    behavior_logp: Tensor | None = None  # (B, T) log μ(a_t|s_t): the engine that sampled
     ref_logp: Tensor | None = None  # (B, T) log π_ref(a_t|s_t)
     values: Tensor | None = None  # (B, T) V_old(s_t) from the critic
     token_rewards: Tensor | None = None  # (B, T) shaped rewards r_t (score + KL penalty)

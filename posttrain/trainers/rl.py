@@ -59,6 +59,7 @@ from posttrain.models.load import (
     load_causal_lm,
     load_critic,
     load_tokenizer,
+    resolve_dtype,
     save_model,
 )
 from posttrain.rewards.build import build_rewards, resolve_path
@@ -152,12 +153,31 @@ class AlgoConfig:
         "masked response gets no loss and is left out of its group's statistics).", "none")
     overlong_cache: int = doc("L_cache of the soft overlong penalty, in tokens.", 4)
     overlong_penalty: float = doc("Penalty at and beyond the limit.", 1.0)
+    is_correction: str = doc(
+        "Importance correction for a sampling engine that is not the trainer (ALGORITHMS.md "
+        "6c; a no-gradient weight on each token's policy loss, the clip staying around "
+        "π_old): none, tis (token min(π_old/μ, C)), seq_is, icepop (masked IS), seq_mask, "
+        "opsm, or any registered in IS_CORRECTIONS. auto: tis when the engine samples with "
+        "other weights or code than the trainer's forward (rollout.dtype differs, vLLM), "
+        "none when it is the trainer's own model (then μ = π_old and every correction is the "
+        "identity).", "auto")
+    is_cap: float = doc("C of tis and seq_is.", 2.0)
+    is_low: float = doc("Lower bound a of icepop and seq_mask, and of mismatch/outside.", 0.5)
+    is_high: float = doc("Upper bound b of icepop and seq_mask, and of mismatch/outside.", 2.0)
+    opsm_delta: float = doc("δ of opsm: a negative-advantage sequence is dropped when "
+                            "mean_t(log μ − log π_θ) exceeds it.", 1e-3)
 
     def __post_init__(self) -> None:
         for name, registry in _CHOICES.items():
             _check_choice(name, registry(), getattr(self, name))
         if self.value_aggregation is not None:
             _check_choice("value_aggregation", algos.AGGREGATIONS, self.value_aggregation)
+        if self.is_correction != "auto":
+            _check_choice("is_correction", algos.IS_CORRECTIONS, self.is_correction)
+        if not 0 < self.is_low <= 1 <= self.is_high or self.is_cap < 1:
+            raise ConfigError(f"algo.is_low, is_high and is_cap must satisfy 0 < is_low <= 1 "
+                              f"<= is_high and is_cap >= 1, got {self.is_low}, "
+                              f"{self.is_high}, {self.is_cap}")
         if self.value_pretrain_steps > 0 and not self.needs_critic:
             raise ConfigError(f"algo.value_pretrain_steps needs a critic, but the advantage "
                               f"estimator {self.advantage!r} uses none (use gae)")
@@ -185,6 +205,11 @@ class AlgoConfig:
         """The numbers a policy loss may declare (each gets those it takes)."""
         return {"clip_low": self.clip_low, "clip_high": self.clip_high,
                 "dual_clip": self.dual_clip, "tau_pos": self.tau_pos, "tau_neg": self.tau_neg}
+
+    @property
+    def is_params(self) -> dict[str, float]:
+        return {"is_cap": self.is_cap, "is_low": self.is_low, "is_high": self.is_high,
+                "opsm_delta": self.opsm_delta}
 
     @property
     def on_policy(self) -> bool:
@@ -238,6 +263,11 @@ class RolloutConfig:
     seed_per_prompt: bool = doc(
         "Sample each prompt's group with a seed of its own (slower: no batching across "
         "prompts), so responses do not depend on how prompts are split over ranks.", False)
+    dtype: Literal["auto", "float32", "bfloat16"] = doc(
+        "Weights the engine samples with. auto: a bfloat16 copy under run.precision bf16, "
+        "else the policy itself; float32 or bfloat16: a copy of that dtype (synced before "
+        "each rollout), whose log-probs μ differ from the trainer's π_old: the mismatch "
+        "metrics measure it and algo.is_correction corrects for it.", "auto")
 
     def __post_init__(self) -> None:
         if self.compile and self.engine != "lean":
@@ -326,6 +356,11 @@ class RLTrainer(Trainer):
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
         self.engine = self._build_engine(config.rollout)
+        # μ = π_old only when the engine samples with the trainer's own model and code
+        self.engine_is_trainer = (self.engine.model is self.model
+                                  and config.rollout.engine in ("lean", "hf"))
+        self.is_correction = (a.is_correction if a.is_correction != "auto" else
+                              "none" if self.engine_is_trainer else "tis")
         self._load_data(config)
         self.prompt_cursor = 0
         self.value_pretrained = a.value_pretrain_steps == 0
@@ -334,10 +369,14 @@ class RLTrainer(Trainer):
 
     def _build_engine(self, r: RolloutConfig) -> RolloutEngine:
         rollout_model = self.model
-        if self.run.precision == "bf16" and r.engine == "lean":
+        dtype = r.dtype
+        if dtype == "auto" and self.run.precision == "bf16" and r.engine == "lean":
             # bf16 weights of its own for sampling (synced before each rollout), rather than
             # autocast re-casting every fp32 weight at every decode step
-            rollout_model = copy.deepcopy(self.model).to(torch.bfloat16).requires_grad_(False)
+            dtype = "bfloat16"
+        if dtype != "auto":
+            rollout_model = copy.deepcopy(self.model).to(resolve_dtype(dtype)).requires_grad_(
+                False)
         return ENGINES[r.engine](rollout_model, self.tokenizer.pad_token_id,
                                  self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
                                  **({"compile": True} if r.compile else {}))
@@ -453,6 +492,12 @@ class RLTrainer(Trainer):
         metrics.update(self.update(exp))              # K epochs of mini-batch updates
         metrics.update(self.rollout_metrics(exp))
         metrics = self.dist.all_reduce_mean(metrics)  # every rank's share, averaged
+        if hasattr(self, "_mismatch_max"):  # the step's max over micro-batches and ranks
+            worst = torch.tensor(self._mismatch_max, device=self.device)
+            if self.dist.enabled:
+                torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+            metrics["mismatch/abs_logp_max"] = float(worst)
+            del self._mismatch_max
         metrics["kl/coef"] = self.kl_ctl.value
         metrics["train/lr"] = self.scheduler.get_last_lr()[0]
         if "kl/ref_seq" in metrics:  # the controller sees the whole step's sample count
@@ -486,7 +531,7 @@ class RLTrainer(Trainer):
         sampling = SamplingConfig(samples_per_prompt=r.samples_per_prompt,
                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                                   top_p=r.top_p, top_k=r.top_k, seed=seed,
-                                  return_logprobs=self.reuse_old_logprobs)
+                                  return_logprobs=True)
         indices = list(indices) if indices is not None else list(range(len(prompts)))
         seeds = [(seed * 7919 + i) % (2**31) for i in indices] if r.seed_per_prompt else None
         self.sync_engine()
@@ -495,7 +540,11 @@ class RLTrainer(Trainer):
                                        prompts=[ex.prompt for _, ex in prompts],
                                        meta=_columns([ex for _, ex in prompts]), seeds=seeds)
         group = torch.as_tensor(indices, device=exp.group_ids.device)
-        return exp.replace(group_ids=group.repeat_interleave(r.samples_per_prompt))
+        # the engine's log-probs are μ, the behaviour policy; π_old is the trainer's own
+        # (recomputed in `score`, or the update's forward pass on-policy)
+        return exp.replace(group_ids=group.repeat_interleave(r.samples_per_prompt),
+                           behavior_logp=exp.old_logp,
+                           old_logp=exp.old_logp if self.reuse_old_logprobs else None)
 
     def rewards(self, exp: Experience) -> tuple[Tensor, Metrics]:
         result = self.reward_fn.score(list(exp.prompts), list(exp.texts), **exp.meta)
@@ -708,14 +757,40 @@ class RLTrainer(Trainer):
                                           packed=self.run.padding_free)
         # on-policy, π_old is this very forward pass (ratio 1, gradient A·∇log π)
         old = logp.detach() if self.reuse_old_logprobs else mb.old_logp
-        return policy_objective(
+        weight, mismatch = None, {}
+        if mb.behavior_logp is not None:
+            mismatch = self.mismatch_metrics(old, mb.behavior_logp, mb.response_mask, counts)
+            if self.is_correction != "none":
+                weight = algos.correction_weights(
+                    self.is_correction, old, mb.behavior_logp, mb.response_mask, logp=logp,
+                    advantages=mb.advantages, params=a.is_params)
+                mismatch["mismatch/weight_mean"] = algos.masked_mean(
+                    weight, mb.response_mask) * self._share_of(mb.response_mask, counts)
+        loss, metrics = policy_objective(
             logp, old, mb.advantages, mb.response_mask, counts, policy_loss=a.policy_loss,
             loss_params=a.loss_params, aggregation=a.aggregation,
             ref_logp=mb.ref_logp if a.kl_placement == "loss" else None,
             kl_coef=self.kl_ctl.value if a.kl_placement == "loss" else 0.0,
             kl_estimator=a.kl_estimator, entropy=entropy, entropy_coef=a.entropy_coef,
             positive_mask=self.positive_mask(mb) if a.positive_lm_coef > 0 else None,
-            positive_lm_coef=a.positive_lm_coef)
+            positive_lm_coef=a.positive_lm_coef, token_weight=weight)
+        return loss, {**metrics, **mismatch}
+
+    def mismatch_metrics(self, old: Tensor, behavior: Tensor, mask: Tensor,
+                         counts: StepCounts) -> dict[str, Tensor]:
+        """The engine/trainer gap on this micro-batch as its share of the step's token means
+        (they add up over micro-batches); the max is kept apart (`_mismatch_max`), as a max
+        does not add."""
+        m = algos.mismatch_metrics(old, behavior, mask, is_low=self.algo.is_low,
+                                   is_high=self.algo.is_high)
+        self._mismatch_max = max(getattr(self, "_mismatch_max", 0.0),
+                                 float(m.pop("mismatch/abs_logp_max")))
+        share = self._share_of(mask, counts)
+        return {k: v * share for k, v in m.items()}
+
+    @staticmethod
+    def _share_of(mask: Tensor, counts: StepCounts) -> float:
+        return float(mask.sum()) / max(float(counts.tokens), 1.0)
 
     def value_loss(self, mb: Experience, counts: StepCounts) -> tuple[Tensor, dict]:
         """One micro-batch's critic forward pass and its share of the step's value loss."""

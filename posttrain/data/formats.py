@@ -4,6 +4,7 @@
 |--------------|-------------------------------------------|------------------|
 | `prompt`     | prompt (+ any extra columns, e.g. answer) | RL               |
 | `preference` | prompt, chosen, rejected (+ margin)       | reward model, DPO|
+|              | or chosen, rejected (implicit prompt)     |                  |
 | `unpaired`   | prompt, completion, label (true/false)    | KTO              |
 | `completion` | prompt, completion                        | SFT              |
 | `messages`   | messages                                  | SFT              |
@@ -14,15 +15,16 @@
 `label` of an `unpaired` record says whether the completion is desirable (true) or not (false),
 as in TRL's unpaired preference format; `unpair_preferences` turns pairs into such records. An
 optional `margin` column of a preference record (a number, TRL's name) is the per-pair margin of
-the reward-model loss. Every error names where the record came from (file and line, or row)
-and the field.
+the reward-model loss. A preference record without `prompt` is TRL's implicit-prompt format:
+the prompt is what `chosen` and `rejected` share at their start (`split_implicit_prompt`).
+Every error names where the record came from (file and line, or row) and the field.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,16 +67,20 @@ _REQUIRED = {
 }
 
 
+_IMPLICIT = ("chosen", "rejected")
+"""The columns of an implicit-prompt preference record."""
+
+
 def detect_kind(columns: Iterable[str]) -> str:
     """The kind of a record from its columns (most specific first)."""
     cols = set(columns)
     for kind in ("preference", "unpaired", "completion", "messages", "text", "prompt"):
-        if set(_REQUIRED[kind]) <= cols:
+        if set(_REQUIRED[kind]) <= cols or (kind == "preference" and set(_IMPLICIT) <= cols):
             return kind
     raise DataError(
         f"cannot tell the record kind from the columns {sorted(cols)}; expected one of: "
-        "prompt+chosen+rejected, prompt+completion+label, prompt+completion, messages, text, "
-        "prompt"
+        "prompt+chosen+rejected, chosen+rejected, prompt+completion+label, prompt+completion, "
+        "messages, text, prompt"
     )
 
 
@@ -134,6 +140,11 @@ def validate_record(record: object, where: str, kind: str | None = None) -> Exam
             raise DataError(f"{where}: {err}") from None
     elif kind not in KINDS:
         raise DataError(f"unknown record kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "preference" and "prompt" not in record and set(_IMPLICIT) <= set(record):
+        prompt, chosen, rejected = split_implicit_prompt(
+            _check_text(record["chosen"], where, "chosen"),
+            _check_text(record["rejected"], where, "rejected"), where)
+        record = {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
     missing = [c for c in _REQUIRED[kind] if c not in record]
     if missing:
         raise DataError(
@@ -165,6 +176,72 @@ def validate_record(record: object, where: str, kind: str | None = None) -> Exam
             "use strings for all of them or message lists for all of them"
         )
     return Example(kind, where, label=label, extra=extra, **fields)
+
+
+def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
+    """`(prompt, chosen, rejected)` of a preference pair whose prompt is implicit: the start
+    that `chosen` and `rejected` share.
+
+    Message lists: the prompt is the longest run of leading messages the two have in common
+    (same role and content); the completions are the remaining messages, and each must start
+    with an assistant message (the answers being compared).
+
+    Strings: the prompt is their longest common prefix, cut back to the last whitespace in it
+    and stripped of that whitespace, so it ends after a whole word and each completion starts
+    with the whitespace before its first word ("Q: 2+2? A: four" and "Q: 2+2? A: five" share
+    "Q: 2+2? A: f"; the prompt is "Q: 2+2? A:", the completions " four" and " five"). A word
+    the two share is not split between prompt and completion, and the completion keeps its
+    leading space, as BPE and SentencePiece tokenizers attach it to the word that follows.
+
+    Raises `DataError` naming `where` when the two are identical or share no prompt.
+    """
+    if chosen == rejected:
+        raise DataError(
+            f"{where}: fields 'chosen' and 'rejected' are identical; a preference pair needs two "
+            "different responses"
+        )
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        raise DataError(
+            f"{where}: fields chosen, rejected mix strings and message lists; use strings for "
+            "both or message lists for both"
+        )
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = _common_length(chosen, rejected)
+        if n == 0:
+            raise DataError(
+                f"{where}: no 'prompt' field, and 'chosen' and 'rejected' share no leading "
+                "message to serve as the prompt; give a 'prompt' field"
+            )
+        for name, messages in (("chosen", chosen), ("rejected", rejected)):
+            if len(messages) == n or messages[n]["role"] != "assistant":
+                got = ("ends there" if len(messages) == n
+                       else f"goes on with a {messages[n]['role']!r} message")
+                raise DataError(
+                    f"{where}: no 'prompt' field, and after the {n} shared message(s) "
+                    f"'{name}' {got}; an implicit prompt must be followed by the assistant's "
+                    "answer in both; give a 'prompt' field"
+                )
+        return chosen[:n], chosen[n:], rejected[n:]
+    assert isinstance(chosen, str) and isinstance(rejected, str)
+    shared = chosen[: _common_length(chosen, rejected)]
+    cut = max((i for i, ch in enumerate(shared) if ch.isspace()), default=0)
+    prompt = shared[:cut].rstrip()
+    if not prompt.strip():
+        raise DataError(
+            f"{where}: no 'prompt' field, and 'chosen' and 'rejected' share no leading words to "
+            "serve as the prompt; give a 'prompt' field"
+        )
+    return prompt, chosen[len(prompt):], rejected[len(prompt):]
+
+
+def _common_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _check_margin(value: object, where: str) -> float | None:

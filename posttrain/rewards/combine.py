@@ -8,6 +8,19 @@
   the trainer can log each one.
 - `load_reward_function("package.module:function")` or `("path/to/file.py:function")` imports
   a user's reward function by name (importlib; nothing is ever `eval`ed).
+
+Two calling conventions are accepted, so a reward function written for TRL works unchanged:
+
+- posttrain's: `fn(prompts, responses, **columns)`, prompts and response texts by position.
+- TRL's: `fn(prompts=..., completions=..., **columns)` by keyword (plus `completion_ids=` when
+  the caller has the token ids). A chat prompt's completion is then the message list
+  `[{"role": "assistant", "content": text}]`, as TRL passes it; a string prompt's is the text.
+
+The rule (`calling_convention`, read from the signature once per function): a function is
+called TRL's way when it has a parameter named `completions`, or when it takes no positional
+parameter but does take `**kwargs` (`def f(**kwargs)`); every other function, among them
+anything with a positional `responses` or `*args`, is called posttrain's way. A TRL-style
+function without `**kwargs` is given only the arguments and columns it names.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import math
 import numbers
 import re
 import sys
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +54,9 @@ ON_ERROR = ("raise", "score")
 SNIPPET_CHARS = 200
 """How much of a prompt or response an error message shows."""
 
-# The arguments a reward function gets positionally; a column of the same name would clash.
+# The arguments of each convention; a column of the same name would clash.
 _RESERVED_COLUMNS = ("prompts", "responses")
+_TRL_ARGUMENTS = ("prompts", "completions", "completion_ids")
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -80,6 +95,84 @@ def _sample_message(
     )
 
 
+# --- calling conventions ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How to call one reward function (see the module docstring for the rule)."""
+
+    trl: bool
+    """True: by keyword, `fn(prompts=, completions=, **columns)`; False: `fn(prompts, responses,
+    **columns)`."""
+    accepts: frozenset[str] | None = None
+    """TRL style: the keyword arguments it takes; None when it takes `**kwargs`."""
+    required: tuple[str, ...] = ()
+    """TRL style: the parameters it needs (no default)."""
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+               inspect.Parameter.VAR_POSITIONAL)
+_CONVENTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def calling_convention(fn: RewardFn) -> Convention:
+    """How `fn` is called: TRL's way when its signature has a `completions` parameter, or no
+    positional parameter but `**kwargs`; posttrain's way otherwise (and when the signature
+    cannot be read). Cached per function."""
+    try:
+        return _CONVENTIONS[fn]
+    except (KeyError, TypeError):  # not seen yet, or not hashable / weak-referenceable
+        pass
+    convention = _read_convention(fn)
+    try:
+        _CONVENTIONS[fn] = convention
+    except TypeError:
+        pass
+    return convention
+
+
+def _read_convention(fn: RewardFn) -> Convention:
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: the positional contract
+        return Convention(trl=False)
+    names = {p.name for p in params}
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    positional = any(p.kind in _POSITIONAL for p in params)
+    if "completions" not in names and (positional or not var_kw):
+        return Convention(trl=False)
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return Convention(
+        trl=True,
+        accepts=None if var_kw else frozenset(p.name for p in params if p.kind in keyword),
+        required=tuple(p.name for p in params
+                       if p.kind in keyword and p.default is inspect.Parameter.empty),
+    )
+
+
+def _completions(prompts: Sequence[Prompt], responses: Sequence[Any]) -> list[Any]:
+    """TRL's completions: a chat prompt's response as the assistant message it is."""
+    return [[{"role": "assistant", "content": r}] if isinstance(p, list) and isinstance(r, str)
+            else r for p, r in zip(prompts, responses, strict=True)]
+
+
+def _invoke(fn: RewardFn, prompts: Sequence[Prompt], responses: Sequence[str],
+            columns: Mapping[str, Sequence[Any]],
+            completion_ids: Sequence[Sequence[int]] | None) -> Any:
+    """`fn` called in its own convention."""
+    convention = calling_convention(fn)
+    if not convention.trl:
+        return fn(prompts, responses, **columns)
+    kwargs: dict[str, Any] = {"prompts": prompts, "completions": _completions(prompts, responses)}
+    if completion_ids is not None:
+        kwargs["completion_ids"] = completion_ids
+    kwargs.update(columns)
+    if convention.accepts is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k in convention.accepts}
+    return fn(**kwargs)
+
+
 # --- calling one reward function --------------------------------------------------------------
 
 
@@ -110,10 +203,11 @@ def _attempt(
     prompts: Sequence[Prompt],
     responses: Sequence[str],
     columns: Mapping[str, Sequence[Any]],
+    completion_ids: Sequence[Sequence[int]] | None = None,
 ) -> _Outcome:
     n = len(responses)
     try:
-        result = fn(prompts, responses, **columns)
+        result = _invoke(fn, prompts, responses, columns, completion_ids)
     except Exception as err:  # any failure of user code is subject to the error policy
         return _Outcome(None, f"raised {type(err).__name__}: {err}", err)
     if hasattr(result, "tolist") and not isinstance(result, (list, tuple)):
@@ -139,12 +233,17 @@ def _row(columns: Mapping[str, Sequence[Any]], i: int) -> dict[str, list[Any]]:
     return {k: [v[i]] for k, v in columns.items()}
 
 
+def _one(ids: Sequence[Sequence[int]] | None, i: int) -> list[Sequence[int]] | None:
+    return None if ids is None else [ids[i]]
+
+
 def _check_inputs(
     name: str,
     fn: RewardFn,
     prompts: Sequence[Prompt],
     responses: Sequence[str],
     columns: Mapping[str, Sequence[Any]],
+    completion_ids: Sequence[Sequence[int]] | None = None,
 ) -> None:
     # Misaligned inputs are the caller's bug, not the reward function's: they always raise.
     n = len(responses)
@@ -153,8 +252,14 @@ def _check_inputs(
             f"reward function {name}: got {len(prompts)} prompts for {n} responses; repeat each "
             "prompt once per sampled response"
         )
+    if completion_ids is not None and len(completion_ids) != n:
+        raise RewardError(
+            f"reward function {name}: got {len(completion_ids)} completion_ids for {n} responses"
+        )
+    convention = calling_convention(fn)
+    reserved = _TRL_ARGUMENTS if convention.trl else _RESERVED_COLUMNS
     for key, values in columns.items():
-        if key in _RESERVED_COLUMNS:
+        if key in reserved:
             raise RewardError(
                 f"reward function {name}: a dataset column is named {key!r}, which clashes with "
                 f"the argument of that name; rename the column"
@@ -178,6 +283,17 @@ def _check_inputs(
             f"the dataset has: {', '.join(sorted(columns)) or 'no extra columns'}. Add them to "
             "the records, or point the reward at the right column (column=...)."
         )
+    given = {"prompts", "completions", *columns} | ({"completion_ids"} if completion_ids
+                                                     is not None else set())
+    unknown = [p for p in convention.required if p not in given]
+    if unknown:
+        raise RewardError(
+            f"reward function {name} (called TRL's way, by keyword) needs the argument(s) "
+            f"{', '.join(map(repr, unknown))}, which are neither prompts, completions, "
+            f"completion_ids{' (not available here)' if completion_ids is None else ''} nor a "
+            f"column of the dataset (it has: {', '.join(sorted(columns)) or 'no extra columns'}); "
+            "add the column, or give the argument a default"
+        )
 
 
 def call_reward(
@@ -189,6 +305,7 @@ def call_reward(
     on_error: str = "raise",
     error_score: float = 0.0,
     name: str | None = None,
+    completion_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[float], int]:
     """Score `responses` with `fn` and check the result.
 
@@ -207,13 +324,15 @@ def call_reward(
     `fn.required_columns` but absent always raise `RewardError`: no sample can be scored.
 
     Args:
-        fn: the reward function, called as `fn(prompts, responses, **columns)`.
+        fn: the reward function, called as `fn(prompts, responses, **columns)`, or TRL's way
+            `fn(prompts=, completions=, **columns)` (see `calling_convention`).
         prompts: (B,) prompts, strings or chat-message lists, one per response.
         responses: (B,) response texts.
         columns: the dataset's other columns by name, each (B,) aligned with `responses`.
         on_error: "raise" or "score".
         error_score: the score of a failing sample with `on_error="score"`.
         name: how messages name `fn` (default: `describe(fn)`).
+        completion_ids: (B,) the responses' token ids, passed to TRL-style functions only.
 
     Returns:
         (scores, n_errors): B floats, and how many samples got `error_score`.
@@ -228,23 +347,24 @@ def call_reward(
         raise ConfigError(f"error_score must be a finite number, got {error_score!r}")
     name = describe(fn) if name is None else name
     columns = dict(columns or {})
-    _check_inputs(name, fn, prompts, responses, columns)
+    _check_inputs(name, fn, prompts, responses, columns, completion_ids)
     n = len(responses)
     if n == 0:
         return [], 0
 
-    outcome = _attempt(fn, prompts, responses, columns)
+    outcome = _attempt(fn, prompts, responses, columns, completion_ids)
     if outcome.scores is not None and not outcome.bad:
         return [float(x) for x in outcome.scores], 0  # type: ignore[arg-type] (none invalid)
     if on_error == "raise":
-        _raise(name, fn, prompts, responses, columns, outcome)
+        _raise(name, fn, prompts, responses, columns, outcome, completion_ids)
 
     if outcome.scores is not None:  # the right length with a few bad values: keep the rest
         filled = [float(error_score) if x is None else x for x in outcome.scores]
         return filled, len(outcome.bad)
     scores, n_errors = [], 0
     for i in range(n):
-        one = _attempt(fn, [prompts[i]], [responses[i]], _row(columns, i))
+        one = _attempt(fn, [prompts[i]], [responses[i]], _row(columns, i),
+                       _one(completion_ids, i))
         if one.scores is not None and not one.bad:
             scores.append(float(one.scores[0]))  # type: ignore[arg-type] (not invalid)
         else:
@@ -260,6 +380,7 @@ def _raise(
     responses: Sequence[str],
     columns: Mapping[str, Sequence[Any]],
     outcome: _Outcome,
+    completion_ids: Sequence[Sequence[int]] | None = None,
 ) -> None:
     n = len(responses)
     if outcome.bad:  # invalid values: the result itself says which samples
@@ -274,7 +395,8 @@ def _raise(
         )
     # It raised: call it on one sample at a time to point at the first sample that fails.
     for i in range(n):
-        one = outcome if n == 1 else _attempt(fn, [prompts[i]], [responses[i]], _row(columns, i))
+        one = outcome if n == 1 else _attempt(fn, [prompts[i]], [responses[i]],
+                                              _row(columns, i), _one(completion_ids, i))
         if one.problem is not None or one.bad:
             reason = one.problem if one.problem is not None else one.bad[0]
             cause = one.cause if one.cause is not None else outcome.cause
@@ -391,9 +513,11 @@ class WeightedSum:
         return tuple(needed)
 
     def score(
-        self, prompts: Sequence[Prompt], responses: Sequence[str], **columns: Sequence[Any]
+        self, prompts: Sequence[Prompt], responses: Sequence[str], *,
+        completion_ids: Sequence[Sequence[int]] | None = None, **columns: Sequence[Any]
     ) -> TermScores:
-        """Every term's scores and their weighted sum (stores nothing)."""
+        """Every term's scores and their weighted sum (stores nothing). `completion_ids`, the
+        responses' token ids, reach the TRL-style terms only."""
         total = [0.0] * len(responses)
         terms: dict[str, list[float]] = {}
         errors: dict[str, int] = {}
@@ -401,15 +525,17 @@ class WeightedSum:
             scores, n_errors = call_reward(
                 fn, prompts, responses, columns, on_error=self.on_error,
                 error_score=self.error_score, name=f"{describe(fn)} (WeightedSum term {name!r})",
+                completion_ids=completion_ids,
             )
             terms[name], errors[name] = scores, n_errors
             total = [t + weight * r for t, r in zip(total, scores, strict=True)]
         return TermScores(total, terms, errors)
 
     def __call__(
-        self, prompts: Sequence[Prompt], responses: Sequence[str], **columns: Sequence[Any]
+        self, prompts: Sequence[Prompt], responses: Sequence[str], *,
+        completion_ids: Sequence[Sequence[int]] | None = None, **columns: Sequence[Any]
     ) -> list[float]:
-        self.last = self.score(prompts, responses, **columns)
+        self.last = self.score(prompts, responses, completion_ids=completion_ids, **columns)
         return list(self.last.total)
 
 
@@ -461,7 +587,8 @@ def load_reward_function(spec: str) -> RewardFn:
     if not callable(obj):
         raise ConfigError(
             f"reward function {spec!r}: {attr} (of type {type(obj).__name__}) is not callable; "
-            "name a function (prompts, responses, **columns) -> list[float]"
+            "name a function (prompts, responses, **columns) -> list[float], or TRL's "
+            "(prompts, completions, **kwargs)"
         )
     return obj
 

@@ -48,6 +48,10 @@ class ModelConfig:
     lora_dropout: float = doc("LoRA dropout.", 0.0)
     lora_targets: list[str] | None = doc("Module names that get adapters (default: peft's "
                                          "choice for the architecture).", None)
+    chat_template: str | None = doc(
+        "Chat template for conversational data when the tokenizer has none (or to replace "
+        "its own): the Jinja template itself, or the path of a .jinja file. null: the "
+        "tokenizer's own template.", None)
     dropout: bool | None = doc(
         "Keep the model's dropout while training. null: the trainer's choice: SFT keeps it; "
         "RM, DPO, KTO and RL switch every dropout off (LoRA's too), as TRL does, so that "

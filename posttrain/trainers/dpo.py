@@ -14,6 +14,7 @@ from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedPair,
     TokenStats,
+    apply_chat_template_option,
     collate_pairs,
     tokenize_preferences,
 )
@@ -106,6 +107,7 @@ class DPOTrainer(Trainer):
         super().__init__(config, config.run, config.optim)
         m, d = config.model, config.dpo
         self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
+        self.tokenizer = apply_chat_template_option(self.tokenizer, config.model.chat_template)
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = None
         if d.uses_reference:

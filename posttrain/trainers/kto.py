@@ -28,6 +28,7 @@ from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedUnpaired,
     TokenStats,
+    apply_chat_template_option,
     collate_unpaired,
     kl_pairs,
     tokenize_unpaired,
@@ -96,6 +97,7 @@ class KTOTrainer(Trainer):
         super().__init__(config, config.run, config.optim)
         m, k = config.model, config.kto
         self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
+        self.tokenizer = apply_chat_template_option(self.tokenizer, config.model.chat_template)
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = reference_model(m, self.model, k.reference, self.device)
         train, held = load_train_eval(config.data, ("unpaired", "preference"), config.run.seed)

@@ -13,7 +13,13 @@ from torch import Tensor
 from posttrain import distributed
 from posttrain.algos import bradley_terry_loss
 from posttrain.config import doc
-from posttrain.data.collate import TokenizedPair, TokenStats, collate_pairs, tokenize_preferences
+from posttrain.data.collate import (
+    TokenizedPair,
+    TokenStats,
+    apply_chat_template_option,
+    collate_pairs,
+    tokenize_preferences,
+)
 from posttrain.data.formats import distinct_prompts
 from posttrain.errors import ConfigError
 from posttrain.models.forward import TokenValues, sequence_scores
@@ -88,6 +94,7 @@ class RewardModelTrainer(Trainer):
         super().__init__(config, config.run, config.optim)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path,
                                         config.model.trust_remote_code)
+        self.tokenizer = apply_chat_template_option(self.tokenizer, config.model.chat_template)
         self.model = load_reward_model(config.model.path, config.model.dtype, self.device,
                                        config.model.trust_remote_code, config.model.lora)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id

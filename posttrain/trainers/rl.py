@@ -40,6 +40,7 @@ from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedExample,
     TokenStats,
+    apply_chat_template_option,
     collate_sequences,
     micro_batches_by_tokens,
     tokenize_prompts,
@@ -339,6 +340,7 @@ class RLTrainer(Trainer):
                   f"{a.advantage}, policy_loss {a.policy_loss}, KL {a.kl_placement} "
                   f"{a.kl_coef}); --preset NAME starts from a named algorithm", flush=True)
         self.tokenizer = load_tokenizer(m.tokenizer_path, m.trust_remote_code)
+        self.tokenizer = apply_chat_template_option(self.tokenizer, config.model.chat_template)
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = None
         if a.kl_placement != "none" or config.eval.kl_to_reference:

@@ -10,7 +10,13 @@ from torch import Tensor
 
 from posttrain.algos import aggregate_loss, masked_sum
 from posttrain.config import doc
-from posttrain.data.collate import TokenizedExample, TokenStats, collate_sequences, tokenize_sft
+from posttrain.data.collate import (
+    TokenizedExample,
+    TokenStats,
+    apply_chat_template_option,
+    collate_sequences,
+    tokenize_sft,
+)
 from posttrain.models.forward import sequence_logprobs
 from posttrain.models.load import load_causal_lm, load_tokenizer
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
@@ -51,6 +57,7 @@ class SFTTrainer(Trainer):
         super().__init__(config, config.run, config.optim)
         self.tokenizer = load_tokenizer(config.model.tokenizer_path,
                                         config.model.trust_remote_code)
+        self.tokenizer = apply_chat_template_option(self.tokenizer, config.model.chat_template)
         self.model = load_causal_lm(config.model.path, config.model.dtype, self.device,
                                     config.model.trust_remote_code, config.model.lora)
         train, held = load_train_eval(config.data, ("completion", "messages", "text"),

@@ -211,3 +211,25 @@ def test_the_logged_k3_kl_is_never_negative_and_k1_is_kept_beside_it(arch_model,
     assert len(rows) == 3 and all(r["kl/ref_seq_k3"] >= 0 for r in rows)
     assert rows[0]["kl/ref_seq_k3"] == 0 == rows[0]["kl/ref_seq"]  # π = π_ref at step 1
     assert rows[-1]["kl/ref_seq_k3"] > 0
+
+
+def test_model_chat_template_lets_sft_train_chat_data_on_gpt2_and_is_saved(arch_model,
+                                                                           tmp_path):
+    """GPT-2 has no chat template; `model.chat_template` gives one (here a file), which the
+    trainer applies and the saved tokenizer keeps, so the final model renders chats too."""
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}"
+                        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n"
+                        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    chats = [{"messages": [{"role": "user", "content": p},
+                           {"role": "assistant", "content": "7."}]} for p in PROMPTS]
+    cfg = load_config(SFTConfig, overrides={
+        "model": {"path": str(arch_model("gpt2")), "chat_template": str(template)},
+        "data": {"train": jsonl(tmp_path / "chats.jsonl", chats), "eval_fraction": 0},
+        "run": {**QUIET["run"], "output_dir": str(tmp_path), "name": "chat", "steps": 1,
+                "batch_size": 2}})
+    result = SFTTrainer(cfg).train()
+    saved = AutoTokenizer.from_pretrained(result.final_dir)
+    assert saved.chat_template == template.read_text()

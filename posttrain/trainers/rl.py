@@ -549,7 +549,8 @@ class RLTrainer(Trainer):
                            old_logp=exp.old_logp if self.reuse_old_logprobs else None)
 
     def rewards(self, exp: Experience) -> tuple[Tensor, Metrics]:
-        result = self.reward_fn.score(list(exp.prompts), list(exp.texts), **exp.meta)
+        result = self.reward_fn.score(list(exp.prompts), list(exp.texts),
+                                      completion_ids=_completion_ids(exp), **exp.meta)
         metrics = {f"reward/{k}": sum(v) / len(v) for k, v in result.terms.items()}
         metrics.update({f"reward/{k}_errors": float(v) for k, v in result.errors.items() if v})
         return torch.tensor(result.total, dtype=torch.float32, device=self.device), metrics
@@ -994,3 +995,9 @@ def _groups_with_variance(scores: Tensor, group_ids: Tensor) -> Tensor:
                                                                          "amin")
     return (hi > lo)[inverse]
 
+
+def _completion_ids(exp: Experience) -> list[list[int]]:
+    """Each response's token ids, its EOS included (TRL's `completion_ids` of a reward)."""
+    ids, mask = exp.response_ids.tolist(), exp.response_mask.tolist()
+    return [[t for t, m in zip(row, keep, strict=True) if m] for row, keep in zip(ids, mask,
+                                                                                   strict=True)]

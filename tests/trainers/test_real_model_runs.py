@@ -233,3 +233,12 @@ def test_model_chat_template_lets_sft_train_chat_data_on_gpt2_and_is_saved(arch_
     result = SFTTrainer(cfg).train()
     saved = AutoTokenizer.from_pretrained(result.final_dir)
     assert saved.chat_template == template.read_text()
+
+
+def test_a_trl_reward_function_gets_the_responses_token_ids(arch_model, tmp_path):
+    """TRL's signature, `completion_ids` included: its reward (tokens / 10) averages to the
+    logged mean response length / 10."""
+    RLTrainer(rl_cfg(arch_model("qwen2"), tmp_path, "trl",
+                     reward={"terms": ["tests.trainers.user_rewards:trl_token_count"]})).train()
+    row = rows_of(tmp_path / "trl")[0]
+    assert row["reward/mean"] == pytest.approx(row["response/length"] / 10, abs=1e-6)

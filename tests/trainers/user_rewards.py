@@ -19,3 +19,9 @@ def starts_with_seven(prompts, responses, **columns):
 def characters(prompts, responses, **columns):
     # the response's length in characters, /10: varies within a group even for a random model
     return [len(r) / 10 for r in responses]
+
+
+def trl_token_count(completions, completion_ids, **kwargs):
+    # written for TRL: by keyword, with the response's token ids (EOS included)
+    assert len(completions) == len(completion_ids)
+    return [len(ids) / 10 for ids in completion_ids]

@@ -278,6 +278,9 @@ class Trainer:
     kind = "train"
 
     def __init__(self, config: Any, run: LoopConfig, optim: OptimConfig) -> None:
+        model = getattr(config, "model", None)
+        if hasattr(model, "check_paths"):
+            model.check_paths()
         self.config = config
         self.run = run
         self.optim_cfg = optim

@@ -61,9 +61,6 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("model.path is required: a model directory or hub id")
-        check_local_path(self.path, "model.path")
-        if self.tokenizer:
-            check_local_path(self.tokenizer, "model.tokenizer")
 
     @property
     def lora(self) -> LoraSpec | None:
@@ -74,6 +71,13 @@ class ModelConfig:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.path
+
+    def check_paths(self) -> None:
+        """Fail at once on a mistyped local path (when the run starts: a config may name a
+        model an earlier stage has not written yet)."""
+        check_local_path(self.path, "model.path")
+        if self.tokenizer:
+            check_local_path(self.tokenizer, "model.tokenizer")
 
 
 @dataclass(frozen=True)

@@ -197,10 +197,10 @@ def test_a_mistyped_local_model_path_fails_at_once_with_a_suggestion(tmp_path, m
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=r"model.path: no such directory 'models/qwen' "
                                           r"\(did you mean 'models/qwen2'\?\)"):
-        ModelConfig(path="models/qwen")
+        ModelConfig(path="models/qwen").check_paths()
     with pytest.raises(ConfigError, match=r"model.tokenizer: no such directory '\./tok'"):
-        ModelConfig(path="models/qwen2", tokenizer="./tok")
-    ModelConfig(path="Qwen/Qwen2-0.5B")  # a hub id is left to the hub
+        ModelConfig(path="models/qwen2", tokenizer="./tok").check_paths()
+    ModelConfig(path="Qwen/Qwen2-0.5B").check_paths()  # a hub id is left to the hub
 
 
 def test_the_logged_k3_kl_is_never_negative_and_k1_is_kept_beside_it(arch_model, tmp_path):

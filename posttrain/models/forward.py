@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain.algos import token_logprobs, token_logprobs_and_entropy
-from posttrain.models.load import backbone, value_head
+from posttrain.models.load import backbone, unwrap_peft, value_head
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -173,10 +173,19 @@ def response_values(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
 
 
 def sequence_scores(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Reward-model score R(x, y), (B,), read at the last real token of each row. Padding may
-    be on either side; unlike `transformers`' own pooling this does not look for the pad id,
-    so it is right also when the pad token is the EOS token."""
+    """Reward-model score R(x, y), (B,), read where `transformers`' own sequence
+    classification reads it (and so TRL, and whoever loads the saved model): at the last real
+    token that is not the pad token `config.pad_token_id`. With a pad token of its own that is
+    the response's EOS; when the pad token is the EOS (GPT-2, Mistral), the token before it.
+    Padding may be on either side."""
+    inner = getattr(model, "module", model)  # DDP keeps the wrapped module here
+    if isinstance(inner, TokenValues):
+        inner = inner.model
+    pad_id = getattr(getattr(unwrap_peft(inner), "config", None), "pad_token_id", None)
     values = _values(model, input_ids, attention_mask)
+    real = attention_mask.bool()
+    if pad_id is not None:
+        real = real & (input_ids != pad_id)
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    last = (positions * attention_mask.bool()).argmax(-1)
+    last = (positions * real).argmax(-1)
     return values.gather(1, last[:, None])[:, 0]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from posttrain.errors import ConfigError
 
@@ -83,11 +84,23 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype = "float32",
 
 
 def apply_lora(model: nn.Module, spec: LoraSpec, task_type: str) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+    """Fresh LoRA adapters through peft. GPT-2-style models store their projections as
+    `Conv1D` (weights transposed), which peft must be told (`fan_in_fan_out`)."""
+    import warnings
 
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=spec.target_modules, task_type=task_type)
-    return get_peft_model(model, config)
+                        target_modules=spec.target_modules, task_type=task_type,
+                        fan_in_fan_out=conv1d)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` when it wraps a
+        # model (peft 0.21); nothing of ours uses it, and every LoRA run would print it
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
@@ -182,29 +195,100 @@ def load_critic(path: str | Path, init: str = "reward_model",
     model = load_reward_model(path, dtype, device, trust_remote_code)
     if init == "policy":
         with torch.no_grad():
-            value_head(model).weight.zero_()
-            bias = getattr(value_head(model), "bias", None)
+            head_linear(model).weight.zero_()
+            bias = getattr(head_linear(model), "bias", None)
             if bias is not None:
                 bias.zero_()
     return model
 
 
-def value_head(model: nn.Module) -> nn.Linear:
-    """The scalar head of a sequence-classification model (`score` in most architectures)."""
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def check_same_tokenizer(tokenizer, path: str | Path, what: str,
+                         trust_remote_code: bool = False) -> None:
+    """A model that reads the policy's token ids (a critic) must share its vocabulary:
+    refuse one whose directory has another tokenizer, or whose embedding is too small."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    size = getattr(config, "vocab_size", None)
+    if size is not None and size < len(tokenizer):
+        raise ConfigError(f"the {what} at {path} has a vocabulary of {size} tokens but the "
+                          f"policy's tokenizer has {len(tokenizer)}: it must share the "
+                          "policy's tokenizer (train it from the policy's SFT model)")
+    try:
+        other = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):  # no tokenizer saved there: the size check is all we have
+        return
+    if other.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"the {what} at {path} has another tokenizer than the policy "
+                          f"({len(other)} vs {len(tokenizer)} tokens, different ids): it reads "
+                          "the policy's token ids, so it must share the policy's tokenizer")
+
+
+def value_head(model: nn.Module) -> nn.Module:
+    """The scalar head of a sequence-classification model (`score` in most architectures).
+    Under peft (LoRA on a reward model) it is peft's wrapper, which calls the trainable copy
+    of the head; `head_linear` gives the `nn.Linear` that is called."""
+    inner = unwrap_peft(model)
     for name in ("score", "classifier", "v_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Linear):
+        head = getattr(inner, name, None)
+        if isinstance(head, nn.Linear) or hasattr(head, "modules_to_save"):
             return head
     raise ConfigError(f"cannot find the scalar head of {type(model).__name__}")
 
 
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The `nn.Linear` the scalar head runs (peft's active trainable copy under LoRA)."""
+    head = value_head(model)
+    if hasattr(head, "modules_to_save"):
+        return head.modules_to_save[head.active_adapter]
+    return head
+
+
 def backbone(model: nn.Module) -> nn.Module:
-    """The transformer under a task head (`model.model` for Llama)."""
-    prefix = getattr(model, "base_model_prefix", "model")
-    inner = getattr(model, prefix, None)
-    if inner is None:
+    """The transformer under a task head (`model.model` for Llama), under peft too."""
+    inner = unwrap_peft(model)
+    prefix = getattr(inner, "base_model_prefix", "model")
+    body = getattr(inner, prefix, None)
+    if body is None:
         raise ConfigError(f"cannot find the backbone ({prefix!r}) of {type(model).__name__}")
-    return inner
+    return body
+
+
+def fold_score_offset(model: nn.Module, offset: float, probe: Callable[[], Tensor]
+                      ) -> str | None:
+    """Shift every score of a reward model by −offset in its weights, so that plain
+    `transformers` scores as posttrain does: into the head's bias when it has one, else into
+    the bias of a final LayerNorm that feeds the head (GPT-2, OPT): its output h enters the
+    score as w·h, so adding δ = −offset·w/‖w‖² to the bias shifts every score by −offset.
+    `probe()` returns scores of a fixed batch; the shift is kept only when they all moved by
+    exactly −offset (float32 rounding), else undone. Returns the parameter changed, or None
+    (RMSNorm models such as Llama, Qwen2, Mistral have no bias to carry it)."""
+    head = head_linear(model)
+    before = probe()
+    tol = 1e-4 * max(1.0, abs(offset), float(before.abs().max()))
+    candidates = []
+    if head.bias is not None:
+        candidates.append(("head bias", head.bias, torch.full_like(head.bias, -offset)))
+    norms = [(n, m) for n, m in backbone(model).named_modules()
+             if isinstance(m, nn.LayerNorm) and m.bias is not None]
+    if norms and head.weight.shape[0] == 1 and norms[-1][1].bias.shape == head.weight[0].shape:
+        w = head.weight[0].detach()
+        candidates.append((f"{norms[-1][0]}.bias", norms[-1][1].bias,
+                           -offset * w / w.dot(w).clamp(min=1e-12)))
+    for name, param, delta in candidates:
+        with torch.no_grad():
+            param.add_(delta.to(param.dtype))
+        moved = probe() - before
+        if bool(((moved + offset).abs() <= tol).all()):
+            return name
+        with torch.no_grad():
+            param.sub_(delta.to(param.dtype))
+    return None
 
 
 def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None,
@@ -215,6 +299,11 @@ def save_model(model: nn.Module, out_dir: str | Path, tokenizer=None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "merge_and_unload"):
+        config = model.peft_config[model.active_adapter]
+        base = config.base_model_name_or_path
+        if base and Path(base).exists():
+            # an absolute path: the adapter loads (AutoPeftModel*) from any directory
+            config.base_model_name_or_path = str(Path(base).resolve())
         model.save_pretrained(out / "adapter")
         if merge_lora:
             import copy

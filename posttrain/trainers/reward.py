@@ -210,5 +210,30 @@ class RewardModelTrainer(Trainer):
             self.model.config.reward_offset = self.reward_offset()
         elif mode == "policy_samples":
             self.model.config.reward_offset = self.policy_sample_offset()
-        if mode != "none" and self.dist.is_main:
-            print(f"reward offset ({mode}): {self.model.config.reward_offset:.4f}", flush=True)
+        if mode == "none":
+            return
+        offset = float(self.model.config.reward_offset)
+        where = self.fold_offset(offset)
+        if where is not None:  # plain transformers now scores as posttrain does
+            self.model.config.reward_offset = 0.0
+        if self.dist.is_main:
+            print(f"reward offset ({mode}): {offset:.4f}, " + (
+                f"folded into {where}, so transformers gives the same scores" if where else
+                "kept as config.json's reward_offset (this architecture has no bias to carry "
+                "it): posttrain subtracts it, plain transformers does not"), flush=True)
+
+    @torch.no_grad()
+    def fold_offset(self, offset: float) -> str | None:
+        """Subtract `offset` from every score in the weights (`fold_score_offset`), checked on
+        a few training pairs; None when the architecture cannot carry it."""
+        from posttrain.models.load import fold_score_offset
+
+        probe_items = self.train_items[:4]
+        if not probe_items:
+            return None
+        self.model.eval()
+        try:
+            return fold_score_offset(self.model, offset,
+                                     lambda: torch.cat(self.scores(probe_items)).float())
+        finally:
+            self.model.train()

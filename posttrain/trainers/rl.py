@@ -56,6 +56,7 @@ from posttrain.models.forward import (
     sequence_logprobs,
 )
 from posttrain.models.load import (
+    check_same_tokenizer,
     enable_gradient_checkpointing,
     load_causal_lm,
     load_critic,
@@ -348,6 +349,8 @@ class RLTrainer(Trainer):
         self.critic = None
         if a.needs_critic:
             path, init = self._critic_source()
+            check_same_tokenizer(self.tokenizer, path, "critic's start model",
+                                 m.trust_remote_code)
             self.critic = load_critic(path, init, m.dtype, self.device, m.trust_remote_code)
             self.critic.config.pad_token_id = self.tokenizer.pad_token_id
         base_dir = config.reward.base_dir

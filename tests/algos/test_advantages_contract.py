@@ -141,3 +141,46 @@ def test_errors_name_the_argument_and_its_reference():
     ]
     for fn, want in cases:
         assert message(fn) == want
+
+
+# ------------------------------------------------------------------- dtypes, empty, ranks
+
+
+def test_group_statistics_of_an_empty_batch_are_empty():
+    """A micro-batch with no sample (B = 0) has no group and no smallest group: empty
+    statistics, not an error from the minimum of no counts."""
+    mean, std = group_mean_std(torch.zeros(0, dtype=D), torch.zeros(0, dtype=torch.long))
+    assert mean.shape == (0,) and std.shape == (0,)
+    assert mean.dtype == D and std.dtype == D
+
+
+def test_a_per_sequence_lambda_is_used_in_the_rewards_dtype():
+    """float32 rewards with a float64 λ tensor stay float32. r = [0, 1], V = 0, γ = 1, λ = 0.5:
+    A_1 = δ_1 = 1, A_0 = δ_0 + γλ·A_1 = 0 + 0.5·1 = 0.5."""
+    r = torch.tensor([[0.0, 1.0]])
+    adv, ret = compute_advantages("gae", r, torch.ones(1, 2, dtype=torch.bool),
+                                  values=torch.zeros(1, 2), lam=t([0.5]))
+    assert adv.dtype == torch.float32 and ret.dtype == torch.float32
+    assert adv.tolist() == [[0.5, 1.0]]
+
+
+def test_length_adaptive_lambda_of_a_bool_mask_is_float32_whatever_the_default_dtype():
+    """The documented float32 for a bool mask does not follow `torch.set_default_dtype`.
+    α = 0.5, l = 4: λ = 1 − 1/(0.5·4) = 0.5."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lam = length_adaptive_lambda(torch.ones(1, 4, dtype=torch.bool), alpha=0.5)
+    finally:
+        torch.set_default_dtype(previous)
+    assert lam.dtype == torch.float32 and lam.tolist() == [0.5]
+
+
+def test_global_whitening_uses_the_statistics_of_every_rank():
+    """`reduce` = 2·x stands for two ranks holding the same [1, 2, 3]: the global batch is
+    [1, 2, 3, 1, 2, 3], mean 2, Σ(x − 2)² = 4, unbiased var 4/5 = 0.8, so with ε = 0 the
+    result is (x − 2)/√0.8 = [−√1.25, 0, √1.25] (one rank alone: var 1, [−1, 0, 1])."""
+    adv = t([[1.0, 2.0, 3.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    out = whiten_advantages(adv, mask, "global", eps=0.0, reduce=lambda x: 2 * x)
+    assert_close(out, t([[-(1.25**0.5), 0.0, 1.25**0.5]]), atol=1e-12, rtol=0)

@@ -56,3 +56,26 @@ def test_messages_name_the_argument_and_say_what_to_do():
         "`m` has shape (2, 2) but `ref` has shape (2, 3); they must match")
     assert message(check_rows, "ids", torch.zeros(3), "ref", ref) == (
         "`ids` has 3 entries but `ref` has 2 rows; give one entry per sequence")
+
+
+def test_select_keeps_the_dtype_of_a_zero_dim_half_precision_input():
+    """A 0-dim bf16 (or fp16) value stays in its dtype: the 0 it is selected against must be
+    made in that dtype, since two 0-dim operands promote as ordinary tensors (bf16 with a
+    float32 zero would give float32)."""
+    for dtype in (torch.bfloat16, torch.float16):
+        out = select(torch.tensor(1.5, dtype=dtype), torch.tensor(False))
+        assert out.dtype == dtype and out.item() == 0.0
+        out = select(torch.tensor(1.5, dtype=dtype), torch.tensor(True))
+        assert out.dtype == dtype and out.item() == 1.5
+
+
+def test_integer_input_gives_float32_whatever_the_default_dtype():
+    """The documented float32 for integer or bool input does not follow
+    `torch.set_default_dtype` (a float64 default must not turn a mask into float64)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = select(torch.tensor([1, 2, 3]), torch.tensor([True, False, True]))
+    finally:
+        torch.set_default_dtype(previous)
+    assert out.dtype == torch.float32 and out.tolist() == [1.0, 0.0, 3.0]

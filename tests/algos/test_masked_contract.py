@@ -73,3 +73,17 @@ def test_errors_name_the_argument_and_its_reference():
         assert message(lambda fn=fn: fn(x.long(), wide)) == (
             "`x` must be a floating-point tensor, got dtype torch.int64")
     assert message(lambda: aggregate_loss(x, wide, "token-mean")) == mismatch.format("loss_mat")
+
+
+def test_whitening_uses_the_statistics_of_every_rank():
+    """`reduce` = 2·x stands for two ranks holding the same [1, 2, 3]: the global batch is
+    [1, 2, 3, 1, 2, 3], mean 2, Σ(x − 2)² = 4, unbiased var 4/5 = 0.8, so with ε = 0 the
+    result is (x − 2)/√0.8 = [−√1.25, 0, √1.25] (one rank alone: var 1, [−1, 0, 1]). With
+    shift_mean=False the mean 2 is added back."""
+    x = t([[1.0, 2.0, 3.0, float("nan")]])
+    mask = torch.tensor([[True, True, True, False]])
+    s = 1.25**0.5
+    out = masked_whiten(x, mask, eps=0.0, reduce=lambda v: 2 * v)
+    assert_close(out, t([[-s, 0.0, s, 0.0]]), atol=1e-12, rtol=0)
+    out = masked_whiten(x, mask, shift_mean=False, eps=0.0, reduce=lambda v: 2 * v)
+    assert_close(out, t([[2.0 - s, 2.0, 2.0 + s, 0.0]]), atol=1e-12, rtol=0)

@@ -234,3 +234,23 @@ def test_value_and_lm_objective_errors_name_the_argument_and_its_reference():
         lm_objective(values[0], MASK, num_tokens=3)
     with pytest.raises(ShapeError, match=r"`loss_mask` has shape \(2, 3\) but `logp`"):
         lm_objective(values, wide, num_tokens=3)
+
+
+def test_a_token_weight_of_the_wrong_shape_names_itself_and_logp():
+    logp, old, adv, _ = inputs()
+    with pytest.raises(ShapeError) as err:
+        policy_objective(logp, old, adv, MASK, COUNTS, token_weight=torch.ones(2, 3, dtype=D))
+    assert str(err.value) == (
+        "`token_weight` has shape (2, 3) but `logp` has shape (2, 2); they must match")
+
+
+def test_a_float64_token_weight_does_not_promote_a_float32_loss():
+    """The weight is cast to the surrogate's dtype. Clipped surrogate per token −1.2, −0.5 |
+    1.1; weights 2, 1 | 1: token-mean = (−2.4 − 0.5 + 1.1)/3 = −0.6, in float32."""
+    logp, old, adv, _ = inputs()
+    logp = logp.detach().float().requires_grad_()
+    w = t([[2.0, 1.0], [1.0, 1.0]])
+    loss, _ = policy_objective(logp, old.float(), adv.float(), MASK, COUNTS,
+                               aggregation="token-mean", token_weight=w)
+    assert loss.dtype == torch.float32
+    assert_close(loss, torch.tensor(-0.6), atol=1e-6, rtol=0)

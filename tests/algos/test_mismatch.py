@@ -131,3 +131,46 @@ def test_tis_recovers_the_on_policy_gradient_from_an_engines_samples():
     tis = policy_gradient(theta, batch, adv, mu_logp, "tis")
     assert_close(tis, exact, atol=1e-12, rtol=0)
     assert float((naive - exact).norm()) > 0.1
+
+
+def test_the_sequence_rules_divide_by_the_rows_own_length():
+    """A one-token row with r = 3: its geometric mean is 3 (dropped by seq_mask), not √3."""
+    w = correction_weights("seq_mask", t([[L3, 0.0]]), t([[0.0, 0.0]]),
+                           torch.tensor([[True, False]]))
+    assert_close(w, t([[0.0, 0.0]]), atol=0, rtol=0)
+
+
+def test_opsm_needs_both_the_policy_and_the_advantages():
+    with pytest.raises(ValueError, match="opsm correction needs logp and advantages"):
+        correction_weights("opsm", OLD, MU, MASK, logp=OLD)
+
+
+def test_metrics_bounds_are_inclusive_defaults_0_5_and_2_and_an_empty_mask_gives_0():
+    """r = 2 is inside [0.5, 2], r = 2.5 outside (a default upper bound of 3 would keep it)."""
+    m = mismatch_metrics(t([[math.log(2.0), math.log(2.5)]]), t([[0.0, 0.0]]),
+                         torch.ones(1, 2, dtype=torch.bool))
+    assert_close(m["mismatch/outside"], t(0.5), atol=1e-12, rtol=0)
+    empty = mismatch_metrics(OLD, MU, torch.zeros(3, 2, dtype=torch.bool))
+    assert float(empty["mismatch/abs_logp_max"]) == 0.0
+
+
+def test_errors_name_the_argument_and_its_reference():
+    from posttrain.errors import ShapeError
+
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    cases = [
+        (lambda f: f(t([0.0, 0.0]), t([0.0, 0.0]), mask[0]),
+         "`old_logp` must have 2 dimensions, got shape (2,)"),
+        (lambda f: f(torch.zeros(1, 2, dtype=torch.long), t([[0.0, 0.0]]), mask),
+         "`old_logp` must be a floating-point tensor, got dtype torch.int64"),
+        (lambda f: f(t([[0.0, 0.0]]), t([[0.0]]), mask),
+         "`behavior_logp` has shape (1, 1) but `old_logp` has shape (1, 2); they must match"),
+        (lambda f: f(t([[0.0, 0.0]]), t([[0.0, 0.0]]), torch.ones(1, 3, dtype=torch.bool)),
+         "`mask` has shape (1, 3) but `old_logp` has shape (1, 2); they must match"),
+    ]
+    fns = [lambda o, b, m: correction_weights("tis", o, b, m), mismatch_metrics]
+    for fn in fns:
+        for call, want in cases:
+            with pytest.raises(ShapeError) as err:
+                call(fn)
+            assert str(err.value) == want

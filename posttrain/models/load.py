@@ -157,8 +157,12 @@ def load_reward_model(path: str | Path, dtype: str | torch.dtype = "float32",
     """`AutoModelForSequenceClassification` with one label: a backbone and a scalar head.
 
     Loading a causal-LM checkpoint here gives its backbone with a fresh head (to train a
-    reward model from the SFT model). Scores are read at the last real token
-    (`posttrain.models.forward.sequence_scores`), whatever the padding side.
+    reward model from the SFT model). Scores are read where `transformers` reads them, at the
+    last real token that is not `config.pad_token_id` (set to the EOS when the config has
+    none), whatever the padding side (`posttrain.models.forward.sequence_scores`). A reward
+    model posttrain trained and saved scores the same in plain `transformers`, except on
+    RMSNorm architectures (Llama, Qwen2, Mistral), where the normalisation offset could not be
+    folded into a bias and stays as config.json's `reward_offset`, which posttrain subtracts.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -207,26 +211,38 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model")
+
+
 def check_same_tokenizer(tokenizer, path: str | Path, what: str,
                          trust_remote_code: bool = False) -> None:
     """A model that reads the policy's token ids (a critic) must share its vocabulary:
-    refuse one whose directory has another tokenizer, or whose embedding is too small."""
+    refuse one whose embedding is smaller than the policy's tokenizer, or whose directory has
+    a tokenizer with another vocabulary (`get_vocab()`). A local directory without tokenizer
+    files is checked by size only (`transformers` would build an empty tokenizer there)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    policy = getattr(tokenizer, "name_or_path", "") or "?"
+    with _explain_load_errors(path, what):
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     size = getattr(config, "vocab_size", None)
     if size is not None and size < len(tokenizer):
         raise ConfigError(f"the {what} at {path} has a vocabulary of {size} tokens but the "
-                          f"policy's tokenizer has {len(tokenizer)}: it must share the "
-                          "policy's tokenizer (train it from the policy's SFT model)")
+                          f"policy's tokenizer at {policy} has {len(tokenizer)}: it must share "
+                          "the policy's tokenizer (train it from the policy's SFT model)")
+    local = Path(path)
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        return
     try:
         other = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):  # no tokenizer saved there: the size check is all we have
         return
     if other.get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"the {what} at {path} has another tokenizer than the policy "
-                          f"({len(other)} vs {len(tokenizer)} tokens, different ids): it reads "
-                          "the policy's token ids, so it must share the policy's tokenizer")
+        raise ConfigError(f"the {what} at {path} has another tokenizer than the policy's at "
+                          f"{policy} ({len(other)} vs {len(tokenizer)} tokens, different ids): "
+                          "it reads the policy's token ids, so it must share the policy's "
+                          "tokenizer (train it from the policy's SFT model)")
 
 
 def value_head(model: nn.Module) -> nn.Module:
@@ -263,23 +279,32 @@ def fold_score_offset(model: nn.Module, offset: float, probe: Callable[[], Tenso
                       ) -> str | None:
     """Shift every score of a reward model by −offset in its weights, so that plain
     `transformers` scores as posttrain does: into the head's bias when it has one, else into
-    the bias of a final LayerNorm that feeds the head (GPT-2, OPT): its output h enters the
-    score as w·h, so adding δ = −offset·w/‖w‖² to the bias shifts every score by −offset.
-    `probe()` returns scores of a fixed batch; the shift is kept only when they all moved by
-    exactly −offset (float32 rounding), else undone. Returns the parameter changed, or None
-    (RMSNorm models such as Llama, Qwen2, Mistral have no bias to carry it)."""
+    the bias of the final LayerNorm, the last one to run before the head (GPT-2's `ln_f`,
+    OPT's `decoder.final_layer_norm`): its output h enters the score as w·h, so adding
+    δ = −offset·w/‖w‖² to its bias shifts every score by −offset.
+
+    `probe()` returns the scores of a fixed batch; a shift is kept only when they all moved by
+    −offset (to float32 rounding), else undone. Returns the parameter changed, or None: RMSNorm
+    models (Llama, Qwen2, Mistral) have no bias to carry the offset, which then stays in
+    config.json's `reward_offset` (posttrain subtracts it; plain transformers does not)."""
     head = head_linear(model)
-    before = probe()
+    ran: list[tuple[str, nn.LayerNorm]] = []  # LayerNorms in the order the probe runs them
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: ran.append((n, mod)))
+             for n, m in backbone(model).named_modules()
+             if isinstance(m, nn.LayerNorm) and m.bias is not None]
+    try:
+        before = probe()
+    finally:
+        for h in hooks:
+            h.remove()
     tol = 1e-4 * max(1.0, abs(offset), float(before.abs().max()))
     candidates = []
     if head.bias is not None:
         candidates.append(("head bias", head.bias, torch.full_like(head.bias, -offset)))
-    norms = [(n, m) for n, m in backbone(model).named_modules()
-             if isinstance(m, nn.LayerNorm) and m.bias is not None]
-    if norms and head.weight.shape[0] == 1 and norms[-1][1].bias.shape == head.weight[0].shape:
+    if ran and head.weight.shape[0] == 1 and ran[-1][1].bias.shape == head.weight[0].shape:
         w = head.weight[0].detach()
-        candidates.append((f"{norms[-1][0]}.bias", norms[-1][1].bias,
-                           -offset * w / w.dot(w).clamp(min=1e-12)))
+        name, norm = ran[-1]
+        candidates.append((f"{name}.bias", norm.bias, -offset * w / w.dot(w).clamp(min=1e-12)))
     for name, param, delta in candidates:
         with torch.no_grad():
             param.add_(delta.to(param.dtype))

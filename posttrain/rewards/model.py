@@ -1,4 +1,5 @@
-"""Rewards from a reward model: R(x, y) read at the last real token of prompt + response."""
+"""Rewards from a reward model: R(x, y) read, as `transformers` reads it, at the last real
+token of prompt + response that is not the pad token, minus the model's `reward_offset`."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ class RewardModelReward:
         batch_size: sequences per forward pass.
         offset: subtracted from every score (reward normalisation: the mean score over a
             reference set, so that its mean reward is 0, as in InstructGPT). Default: the
-            `reward_offset` the reward-model trainer stored in the model's config, else 0.
+            `reward_offset` in the model's config, else 0. The reward-model trainer folds the
+            offset into the weights where a bias can carry it (GPT-2, OPT: stored 0, so plain
+            `transformers` gives these scores); RMSNorm models (Llama, Qwen2, Mistral) keep
+            it there, and plain `transformers` scores them `reward_offset` higher.
     """
 
     def __init__(self, model: nn.Module, tokenizer, batch_size: int = 32,

@@ -41,7 +41,11 @@ class RMLossConfig:
         "mean score over the training responses (chosen and rejected); policy_samples, the "
         "mean score of responses sampled from the SFT policy (normalize_policy) for the "
         "prompts (normalize_prompts), so the SFT policy scores 0 on average, as InstructGPT "
-        "does. true/false (older configs) mean train_responses/none.", "train_responses")
+        "does. The offset is folded into the weights where a bias can carry it (the head's, "
+        "or the final LayerNorm's: GPT-2, OPT) and stored as 0, so plain transformers gives "
+        "posttrain's scores; RMSNorm models (Llama, Qwen2, Mistral) keep it in "
+        "reward_offset, which plain transformers does not subtract (the run says which). "
+        "true/false (older configs) mean train_responses/none.", "train_responses")
     normalize_policy: str | None = doc("policy_samples: the policy to sample (default: "
                                        "model.path, the SFT model the reward model starts "
                                        "from).", None)

@@ -498,7 +498,7 @@ class RLTrainer(Trainer):
         metrics.update(self.rollout_metrics(exp))
         metrics = self.dist.all_reduce_mean(metrics)  # every rank's share, averaged
         if hasattr(self, "_mismatch_max"):  # the step's max over micro-batches and ranks
-            worst = torch.tensor(self._mismatch_max, device=self.device)
+            worst = self._mismatch_max.float().to(self.device)
             if self.dist.enabled:
                 torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
             metrics["mismatch/abs_logp_max"] = float(worst)
@@ -789,14 +789,14 @@ class RLTrainer(Trainer):
         does not add."""
         m = algos.mismatch_metrics(old, behavior, mask, is_low=self.algo.is_low,
                                    is_high=self.algo.is_high)
-        self._mismatch_max = max(getattr(self, "_mismatch_max", 0.0),
-                                 float(m.pop("mismatch/abs_logp_max")))
+        worst = m.pop("mismatch/abs_logp_max").detach()  # a tensor: no host sync here
+        self._mismatch_max = torch.maximum(getattr(self, "_mismatch_max", worst), worst)
         share = self._share_of(mask, counts)
         return {k: v * share for k, v in m.items()}
 
     @staticmethod
-    def _share_of(mask: Tensor, counts: StepCounts) -> float:
-        return float(mask.sum()) / max(float(counts.tokens), 1.0)
+    def _share_of(mask: Tensor, counts: StepCounts) -> Tensor:
+        return mask.sum() / max(float(counts.tokens), 1.0)
 
     def value_loss(self, mb: Experience, counts: StepCounts) -> tuple[Tensor, dict]:
         """One micro-batch's critic forward pass and its share of the step's value loss."""

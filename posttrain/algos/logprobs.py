@@ -48,7 +48,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             if with_entropy:
                 # −Σ p·log p, not lse − Σ p·z: the latter cancels digits for large logits.
                 log_p = z - lse[:, None]
-                ent[s : s + chunk_rows] = -(log_p.exp() * log_p).sum(-1)
+                # a −inf logit (a banned token) has p = 0: its p·log p is 0, not 0·(−inf) = NaN
+                p_log_p = torch.where(log_p.isneginf(), 0.0, log_p.exp() * log_p)
+                ent[s : s + chunk_rows] = -p_log_p.sum(-1)
         ctx.save_for_backward(logits, labels, ent)
         ctx.temperature = temperature
         ctx.chunk_rows = chunk_rows
@@ -72,7 +74,9 @@ class _ChunkedLogProbs(torch.autograd.Function):
             g = -p * grad_logp[s : s + step, None]
             g.scatter_add_(-1, labels[s : s + step, None], grad_logp[s : s + step, None])
             if ctx.with_entropy:
-                g -= grad_ent[s : s + step, None] * p * (log_p + ent[s : s + step, None])
+                # p = 0 where log p = −inf: that entry's dH/dz is 0, not 0·(−inf) = NaN
+                dh = torch.where(log_p.isneginf(), 0.0, p * (log_p + ent[s : s + step, None]))
+                g -= grad_ent[s : s + step, None] * dh
             grad[s : s + step] = (g / ctx.temperature).to(logits.dtype)
         return grad, None, None, None, None
 

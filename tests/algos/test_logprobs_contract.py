@@ -41,3 +41,22 @@ def test_a_banned_token_gets_no_probability_and_no_nan_gradient():
         assert_close(logp, t([[-math.log(2.0)]]), atol=1e-12, rtol=0)
         logp.sum().backward()
         assert_close(logits.grad, t([[[0.5 * scale, -0.5 * scale, 0.0]]]), atol=1e-12, rtol=0)
+
+
+def test_a_banned_token_adds_nothing_to_the_entropy_nor_its_gradient():
+    """Logits [ln 1, ln 3, −inf]: p = [1/4, 3/4, 0] and 0·log 0 = 0, so
+    H = −(¼ ln ¼ + ¾ ln ¾) = ln 4 − ¾ ln 3, and dH/dz_j = −p_j (log p_j + H):
+        j = 0: −¼ (−ln 4 + ln 4 − ¾ ln 3) = (3/16) ln 3
+        j = 1: −¾ (ln 3 − ln 4 + ln 4 − ¾ ln 3) = −(3/16) ln 3
+        j = 2: 0
+    The gradient of log p_1 alone (the entropy unused) is 1[j = 1] − p_j = [−¼, ¼, 0]: an
+    entropy that is computed but not used must not make it NaN."""
+    ln3 = math.log(3.0)
+    logits = t([[[0.0, ln3, -math.inf]]]).requires_grad_()
+    logp, ent = token_logprobs_and_entropy(logits, torch.tensor([[1]]))
+    assert_close(logp, t([[math.log(0.75)]]), atol=1e-12, rtol=0)
+    assert_close(ent, t([[math.log(4.0) - 0.75 * ln3]]), atol=1e-12, rtol=0)
+    (grad_ent,) = torch.autograd.grad(ent.sum(), logits, retain_graph=True)
+    assert_close(grad_ent, t([[[3 / 16 * ln3, -3 / 16 * ln3, 0.0]]]), atol=1e-12, rtol=0)
+    (grad_logp,) = torch.autograd.grad(logp.sum(), logits)
+    assert_close(grad_logp, t([[[-0.25, 0.25, 0.0]]]), atol=1e-12, rtol=0)

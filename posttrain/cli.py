@@ -15,7 +15,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     tasks = ("preference", "arithmetic") if args.task == "all" else (args.task,)
     presets = {t: args.preset for t in tasks} if args.preset else None
     try:
-        run_quickstart(args.out, args.budget, tasks, presets, args.progress)
+        run_quickstart(args.out, args.budget, tasks, presets, args.progress, args.engine)
     except PosttrainError as err:
         print(f"posttrain quickstart: error: {err}", file=sys.stderr)
         return 2
@@ -283,6 +283,20 @@ def _tasks_help(parser: argparse.ArgumentParser):
     return show
 
 
+def _rollout_server(args: argparse.Namespace) -> int:
+    from posttrain.errors import ConfigError
+    from posttrain.rollout.server import serve
+
+    try:
+        serve(args.model, args.host, args.port, args.dtype, args.max_model_len,
+              args.gpu_memory_utilization, args.tensor_parallel_size, args.cpu_kv_cache_gib,
+              args.seed)
+    except ConfigError as err:
+        print(f"posttrain rollout-server: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posttrain",
@@ -309,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: ppo on preference, grpo on arithmetic)")
     qs.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto",
                     help="progress display (default: a bar on a terminal)")
+    qs.add_argument("--engine", choices=["lean", "hf", "vllm"], default="lean",
+                    help="rollout engine of the RL stages (default lean; vllm needs "
+                    "pip install 'posttrain[vllm]', see docs/rollout.md)")
     qs.set_defaults(func=_quickstart)
 
     tasks = sub.add_parser(
@@ -367,6 +384,32 @@ def build_parser() -> argparse.ArgumentParser:
         "the run's metrics, samples and alerts. Training runs write it when they end.")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/NAME)")
     report.set_defaults(func=_report)
+
+    srv = sub.add_parser(
+        "rollout-server", help="serve rollouts with vLLM in a process of its own, for RL runs "
+        "with rollout.server set",
+        description="Start vLLM on this process's devices and serve rollouts over HTTP: an RL "
+        "run with `rollout.engine=vllm rollout.server=http://HOST:PORT` sends it prompts and "
+        "its weights after each optimiser step. MODEL's config is what the engine builds; "
+        "the weights come from the trainer. Needs vLLM (pip install 'posttrain[vllm]').")
+    srv.add_argument("--model", required=True, metavar="DIR",
+                     help="the policy's Hugging Face model directory (its config.json)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                     "127.0.0.1; 0.0.0.0 for other machines)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16",
+                                                         "float16"],
+                     help="engine weight dtype (default: the model's)")
+    srv.add_argument("--max-model-len", type=int, default=512,
+                     help="longest prompt + response served (default 512)")
+    srv.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                     help="share of the GPU's memory for weights and KV cache (default 0.9)")
+    srv.add_argument("--tensor-parallel-size", type=int, default=1,
+                     help="GPUs the engine spans (default 1)")
+    srv.add_argument("--cpu-kv-cache-gib", type=float, default=1.0,
+                     help="KV cache size on a CPU, GiB (default 1)")
+    srv.add_argument("--seed", type=int, default=0, help="the engine's seed (default 0)")
+    srv.set_defaults(func=_rollout_server)
 
     for command, (_, _, _, text) in TRAINERS.items():
         p = sub.add_parser(

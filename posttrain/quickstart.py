@@ -41,7 +41,8 @@ def _before_after(rows, key) -> tuple[float | None, float | None]:
     return (values[0], values[-1]) if values else (None, None)
 
 
-def run_pipeline(task: str, preset: str, out: Path, scale: float, progress: str) -> Outcome:
+def run_pipeline(task: str, preset: str, out: Path, scale: float, progress: str,
+                 engine: str = "lean") -> Outcome:
     from posttrain import pipeline
     from posttrain.config import load_config, merge
     from posttrain.trainers.rl import RLConfig, RLTrainer
@@ -58,11 +59,12 @@ def run_pipeline(task: str, preset: str, out: Path, scale: float, progress: str)
     over = {"run": {"output_dir": str(out), "name": f"{preset}-{task}", "steps": steps,
                     "eval_every": max(5, steps // 5), "progress": progress,
                     "overwrite": True},  # each quickstart trains RL afresh
-            "eval": {"prompts": 250 if scale >= 1 else 100}}
+            "eval": {"prompts": 250 if scale >= 1 else 100},
+            "rollout": {"engine": engine}}
     if preset_cfg.get("algo", {}).get("kl_placement") == "reward" and task == "preference":
         # InstructGPT's guard against over-optimising the learned reward: keep the KL small
         over["algo"] = {"kl_coef": 0.1, "kl_target": 2.0}
-    print(f"\n== {task}: RL with {preset} ({steps} steps)", flush=True)
+    print(f"\n== {task}: RL with {preset} ({steps} steps, {engine} engine)", flush=True)
     trainer = RLTrainer(load_config(RLConfig, overrides=merge(base, over)))
     result = trainer.train()
     outcome = Outcome(task, preset, result.run_dir, time.time() - start)
@@ -139,13 +141,14 @@ def write_summary_report(out: Path, outcomes: list[Outcome], table: list[list[st
 
 def run_quickstart(out: str | Path = "runs/quickstart", budget: str = "default",
                    tasks: tuple[str, ...] = ("preference", "arithmetic"),
-                   presets: dict[str, str] | None = None, progress: str = "auto") -> Path:
+                   presets: dict[str, str] | None = None, progress: str = "auto",
+                   engine: str = "lean") -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ["POSTTRAIN_TASKS"] = str(out / "tasks")
     presets = {**PIPELINES, **(presets or {})}
     start = time.time()
-    outcomes = [run_pipeline(task, presets[task], out, BUDGETS[budget], progress)
+    outcomes = [run_pipeline(task, presets[task], out, BUDGETS[budget], progress, engine)
                 for task in tasks]
     table = summary_table(outcomes)
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

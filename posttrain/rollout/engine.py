@@ -85,6 +85,21 @@ def response_mask_from_eos(response_ids: Tensor, eos_id: int | Sequence[int]) ->
     return ~seen_before, ~is_eos.any(-1)
 
 
+def annotate(exp: Experience, n_prompts: int, n: int, prompts: Sequence[Any],
+             meta: dict[str, list[Any]] | None, decode=None) -> Experience:
+    """Group ids, decoded texts, and the prompts and columns repeated per sample: what every
+    engine adds to the token tensors it sampled (rows i*n .. i*n+n-1 answer prompt i)."""
+    group_ids = torch.arange(n_prompts, device=exp.input_ids.device).repeat_interleave(n)
+    texts: tuple[str, ...] = ()
+    if decode is not None:
+        texts = tuple(decode(row[mask].tolist(), skip_special_tokens=True)
+                      for row, mask in zip(exp.response_ids, exp.response_mask, strict=True))
+    meta = {k: [v[i] for i in range(n_prompts) for _ in range(n)]
+            for k, v in (meta or {}).items()}
+    repeated = tuple(p for p in prompts for _ in range(n)) if prompts else ()
+    return exp.replace(group_ids=group_ids, texts=texts, meta=meta, prompts=repeated)
+
+
 class HFGenerateEngine:
     """Sampling with `model.generate`: batched, KV cache, n samples per prompt, stop at EOS.
 
@@ -139,19 +154,7 @@ class HFGenerateEngine:
 
     def _annotate(self, exp: Experience, n_prompts: int, n: int, prompts: Sequence[Any],
                   meta: dict[str, list[Any]] | None) -> Experience:
-        """Group ids, decoded texts, and the prompts and columns repeated per sample."""
-        group_ids = torch.arange(n_prompts, device=exp.input_ids.device)
-        group_ids = group_ids.repeat_interleave(n)
-        texts: tuple[str, ...] = ()
-        if self.decode is not None:
-            texts = tuple(
-                self.decode(row[mask].tolist(), skip_special_tokens=True)
-                for row, mask in zip(exp.response_ids, exp.response_mask, strict=True)
-            )
-        meta = {k: [v[i] for i in range(n_prompts) for _ in range(n)]
-                for k, v in (meta or {}).items()}
-        repeated = tuple(p for p in prompts for _ in range(n)) if prompts else ()
-        return exp.replace(group_ids=group_ids, texts=texts, meta=meta, prompts=repeated)
+        return annotate(exp, n_prompts, n, prompts, meta, self.decode)
 
     def _rng_devices(self) -> list:
         device = next(self.model.parameters()).device

@@ -255,9 +255,12 @@ class RolloutConfig:
     temperature: float = doc("Sampling temperature (also used for the log-probs).", 1.0)
     top_p: float = doc("Nucleus sampling (1: off).", 1.0)
     top_k: int = doc("Top-k sampling (0: off).", 0)
-    engine: Literal["lean", "hf"] = doc(
+    engine: Literal["lean", "hf", "vllm"] = doc(
         "lean: our KV-cache decode loop (one prefill per prompt, finished rows dropped, "
-        "log-probs from sampling); hf: transformers' generate with prompts repeated.", "lean")
+        "log-probs from sampling); hf: transformers' generate with prompts repeated; vllm: "
+        "vLLM in this process (pip install 'posttrain[vllm]'), weights pushed after each "
+        "optimiser step, its log-probs μ corrected by algo.is_correction (docs/rollout.md).",
+        "lean")
     compile: bool = doc(
         "Lean engine: decode with a static KV cache and a torch.compile'd forward (faster "
         "per token once compiled; the first rollout pays the compilation, and finished rows "
@@ -269,11 +272,33 @@ class RolloutConfig:
         "Weights the engine samples with. auto: a bfloat16 copy under run.precision bf16, "
         "else the policy itself; float32 or bfloat16: a copy of that dtype (synced before "
         "each rollout), whose log-probs μ differ from the trainer's π_old: the mismatch "
-        "metrics measure it and algo.is_correction corrects for it.", "auto")
+        "metrics measure it and algo.is_correction corrects for it. vllm: auto is the "
+        "policy's dtype.", "auto")
+    vllm_max_model_len: int = doc(
+        "vllm: the longest prompt + response the engine serves (0: the longest training or "
+        "held-out prompt plus max_new_tokens, rounded up to 64).", 0)
+    vllm_gpu_memory_utilization: float = doc(
+        "vllm: share of the GPU's memory the engine may take for its weights and KV cache "
+        "(the rest is the trainer's).", 0.3)
+    vllm_sleep: bool = doc(
+        "vllm: release the engine's GPU memory while the trainer trains (vLLM sleep mode; "
+        "CUDA only, ignored on a CPU).", False)
+    vllm_tensor_parallel_size: int = doc("vllm: GPUs one engine spans.", 1)
+    vllm_cpu_kv_cache_gib: float = doc("vllm on a CPU: the KV cache's size in GiB.", 1.0)
+    server: str | None = doc(
+        "vllm: sample on a rollout server (`posttrain rollout-server --model DIR`) at this "
+        "URL, e.g. http://127.0.0.1:8000, instead of in this process; the weights are sent "
+        "to it after each optimiser step.", None)
+
 
     def __post_init__(self) -> None:
         if self.compile and self.engine != "lean":
             raise ConfigError("rollout.compile needs rollout.engine=lean")
+        if self.server and self.engine != "vllm":
+            raise ConfigError("rollout.server needs rollout.engine=vllm")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("rollout.vllm_gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.vllm_gpu_memory_utilization}")
 
 
 @dataclass(frozen=True)
@@ -360,19 +385,22 @@ class RLTrainer(Trainer):
                         if config.reward.gold else None)
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
+        self._load_data(config)  # before the engine: vllm sizes itself by the longest prompt
         self.engine = self._build_engine(config.rollout)
+        self._engine_step: int | None = None  # the step whose weights the engine has
         # μ = π_old only when the engine samples with the trainer's own model and code
         self.engine_is_trainer = (self.engine.model is self.model
                                   and config.rollout.engine in ("lean", "hf"))
         self.is_correction = (a.is_correction if a.is_correction != "auto" else
                               "none" if self.engine_is_trainer else "tis")
-        self._load_data(config)
         self.prompt_cursor = 0
         self.value_pretrained = a.value_pretrain_steps == 0
         self._order: tuple[int, list[int]] | None = None
         self.positions: list[dict[str, Any]] = []  # mean advantage by token position, per step
 
     def _build_engine(self, r: RolloutConfig) -> RolloutEngine:
+        if r.engine == "vllm":
+            return self._build_vllm_engine(r)
         rollout_model = self.model
         dtype = r.dtype
         if dtype == "auto" and self.run.precision == "bf16" and r.engine == "lean":
@@ -385,6 +413,30 @@ class RLTrainer(Trainer):
         return ENGINES[r.engine](rollout_model, self.tokenizer.pad_token_id,
                                  self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
                                  **({"compile": True} if r.compile else {}))
+
+    def _build_vllm_engine(self, r: RolloutConfig) -> RolloutEngine:
+        from posttrain.rollout.vllm_engine import VLLMEngine, default_max_model_len
+
+        if r.vllm_max_model_len:
+            length = r.vllm_max_model_len
+        else:
+            length = default_max_model_len(
+                (len(ids) for ids, _ in [*self.train_items, *self.eval_items]), r.max_new_tokens)
+        policy_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        dtype = r.dtype if r.dtype != "auto" else policy_dtype
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else \
+            self.model
+        if r.server:
+            from posttrain.rollout.server import RemoteVLLMEngine
+
+            return RemoteVLLMEngine(r.server, inner.config, self.tokenizer.pad_token_id,
+                                    self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
+                                    device=self.device)
+        return VLLMEngine(inner.config, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
+                          decode=self.tokenizer.decode, dtype=dtype, max_model_len=length,
+                          seed=self.run.seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                          sleep=r.vllm_sleep, tensor_parallel_size=r.vllm_tensor_parallel_size,
+                          cpu_kv_cache_gib=r.vllm_cpu_kv_cache_gib, device=self.device)
 
     def _load_data(self, config: RLConfig) -> None:
         d = config.data
@@ -948,8 +1000,15 @@ class RLTrainer(Trainer):
 
     def sync_engine(self) -> None:
         """The rollout engine samples from the current policy weights."""
-        if self.engine.model is not self.model:
+        if self.engine.model is self.model or self._engine_step == self.step:
+            return  # the engine is the policy, or already has this step's weights
+        if getattr(self.engine, "weight_names", "module") == "hf":
+            from posttrain.rollout.vllm_engine import hf_named_weights
+
+            self.engine.update_weights(hf_named_weights(self.model))
+        else:
             self.engine.update_weights(self.model.named_parameters())
+        self._engine_step = self.step
 
     def _eval_with(self, sampling: SamplingConfig, suffix: str) -> Metrics:
         self.sync_engine()

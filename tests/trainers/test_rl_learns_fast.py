@@ -29,7 +29,7 @@ def p_seven(trainer) -> float:
 def run(arithmetic_dir, tmp_path, name, flip=False):
     cfg = rl_config(arithmetic_dir, "grpo", tmp_path,
                     run={"name": name, "steps": 10, "eval_every": 0},
-                    rollout={"prompts_per_step": 4, "samples_per_prompt": 8},
+                    rollout={"prompts_per_step": 8, "samples_per_prompt": 8},
                     optim={"lr": 1e-3}, eval={"prompts": 32, "samples_per_prompt": 0},
                     algo={"kl_placement": "none", "mini_batches": 1},
                     reward={"terms": ["tests.trainers.user_rewards:starts_with_seven"]})
@@ -46,6 +46,8 @@ def run(arithmetic_dir, tmp_path, name, flip=False):
 def test_grpo_raises_the_rewarded_tokens_probability(arithmetic_dir, arithmetic_sft_model,
                                                      tmp_path):
     before, after = run(arithmetic_dir, tmp_path, "fast")
-    assert after > before + 0.12, (before, after)  # measured 0.096 -> 0.273
+    # measured 0.085 -> 0.72, 0.92, 0.92 at seeds 0, 1, 2 (4 prompts a step were too few:
+    # 0.08 -> 0.08 .. 0.29 by seed)
+    assert after > before + 0.3, (before, after)
     flipped_before, flipped_after = run(arithmetic_dir, tmp_path, "flipped", flip=True)
     assert flipped_before == before and flipped_after < before, (before, flipped_after)

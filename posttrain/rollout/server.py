@@ -163,6 +163,12 @@ class RemoteVLLMEngine:
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
                  prompts: Sequence[Any] = (), meta: dict[str, list[Any]] | None = None,
                  seeds: Sequence[int] | None = None) -> Experience:
+        longest = max(len(p) for p in prompt_ids) + sampling.max_new_tokens
+        if longest > self.max_model_len:
+            raise ConfigError(f"a prompt plus {sampling.max_new_tokens} new tokens is {longest} "
+                              f"tokens, more than rollout.server {self.url} serves "
+                              f"({self.max_model_len}): restart it with --max-model-len "
+                              f"{-(-longest // 64) * 64} or more")
         eos = [self.eos_id] if isinstance(self.eos_id, int) else list(self.eos_id)
         body = {"prompt_ids": [list(map(int, p)) for p in prompt_ids],
                 "sampling": asdict(sampling), "eos_id": eos,

@@ -295,7 +295,7 @@ class VLLMEngine:
 def hf_named_weights(model: torch.nn.Module) -> Iterable[tuple[str, Tensor]]:
     """The policy's weights under their checkpoint names, as `save_pretrained` would write
     them; a LoRA model's adapted weights merged (W + scale·B·A, computed, the model untouched),
-    its adapter tensors left out."""
+    its adapter tensors left out; FSDP2 shards gathered whole."""
     inner = model
     lora_layers = {}
     if hasattr(model, "get_base_model"):  # peft
@@ -315,11 +315,15 @@ def hf_named_weights(model: torch.nn.Module) -> Iterable[tuple[str, Tensor]]:
         if "lora_" in name:
             continue
         clean = name.replace(".base_layer.", ".")
-        if clean in merged:
-            yield clean, merged.pop(clean)
-        else:
-            yield clean, param.detach()
-    yield from merged.items()
+        yield clean, _full(merged.pop(clean) if clean in merged else param.detach())
+    for name, tensor in merged.items():
+        yield name, _full(tensor)
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (every rank gathers it, in the same order, for its
+    own engine); a plain tensor as it is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def default_max_model_len(prompt_lengths: Iterable[int], max_new_tokens: int) -> int:

@@ -290,7 +290,6 @@ class RolloutConfig:
         "URL, e.g. http://127.0.0.1:8000, instead of in this process; the weights are sent "
         "to it after each optimiser step.", None)
 
-
     def __post_init__(self) -> None:
         if self.compile and self.engine != "lean":
             raise ConfigError("rollout.compile needs rollout.engine=lean")

@@ -180,3 +180,24 @@ def test_choosing_vllm_without_it_is_one_line_naming_the_extra(monkeypatch):
     with pytest.raises(ConfigError) as err:
         import_vllm()
     assert "pip install 'posttrain[vllm]'" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_rollout_server_that_is_not_there_is_one_line_saying_how_to_start_it(model):
+    from posttrain.rollout.server import RemoteVLLMEngine
+
+    with pytest.raises(ConfigError) as err:
+        RemoteVLLMEngine("http://127.0.0.1:9", model.config, 0, 1, timeout=5)
+    msg = str(err.value)
+    assert msg.startswith("rollout.server http://127.0.0.1:9 is not reachable (")
+    assert msg.endswith("start it with `posttrain rollout-server --model DIR`")
+    assert "\n" not in msg
+
+
+def test_rollout_server_and_vllm_options_are_checked():
+    from posttrain.trainers.rl import RolloutConfig
+
+    with pytest.raises(ConfigError, match=r"rollout\.server needs rollout\.engine=vllm"):
+        RolloutConfig(server="http://127.0.0.1:8000")
+    with pytest.raises(ConfigError, match=re.escape(
+            "rollout.vllm_gpu_memory_utilization must be in (0, 1], got 1.5")):
+        RolloutConfig(engine="vllm", vllm_gpu_memory_utilization=1.5)

@@ -5,7 +5,8 @@ virtual environment and in TRL's. Everything is seeded: two builds give the same
 
 - A 512-token byte-level BPE tokenizer trained with `tokenizers` on synthetic arithmetic text,
   saved as a `PreTrainedTokenizerFast` (pad, eos; no BOS is added, no chat template).
-- A random-init Llama: `small` (hidden 256, 4 layers, 4 heads, intermediate 688, ~3.4 M
+- A random-init Llama: `tiny` (hidden 64, 4 layers, 2 heads, the built-in model's shape),
+  `small` (hidden 256, 4 layers, 4 heads, intermediate 688, ~3.4 M
   parameters) and `large` (~8x: hidden 512, 8 layers, 8 heads, intermediate 1376).
 - Records whose tokenised lengths are exact: 16-token prompts and 31-token completions (32 with
   the EOS both libraries append), so every sequence is 48 tokens in both libraries.
@@ -18,6 +19,9 @@ import random
 from pathlib import Path
 
 SIZES = {
+    # the built-in tiny model's shape (two heads of 32: vLLM's CPU attention refuses 16)
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                 intermediate_size=256),
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=688),
     "large": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,

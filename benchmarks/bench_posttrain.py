@@ -2,7 +2,7 @@
 
     python bench_posttrain.py --root DIR --workload dpo --size small --precision fp32 --steps 15
 
-Prints one `BENCH_RESULT {json}` line. Step times wrap the trainer's `optimizer_step` (the
+Prints one `BENCH_RESULT {json}` line. Step times wrap the trainer's `train_step` (the
 whole optimiser step: data, generation, scoring, update), as TRL's are the intervals between
 its `on_step_end` callbacks.
 """
@@ -49,6 +49,7 @@ def config(a, w) -> tuple[type, type, dict]:
         "run": {"output_dir": str(a.out), "name": w.name, "steps": a.steps, "batch_size": w.batch,
                 "eval_every": 0, "save_every": 0, "log_every": 1, "tensorboard": False,
                 "progress": "none", "device": "cpu", "seed": 0, "precision": a.precision,
+                "overwrite": True,  # repeats reuse the run directory
                 "gradient_checkpointing": a.checkpointing == "on"},
     }
     if w.name == "sft":
@@ -78,7 +79,8 @@ def config(a, w) -> tuple[type, type, dict]:
 
     data = _write(a.out / "prompts.jsonl", [{"prompt": r["prompt"]} for r in rows])
     here = Path(__file__).resolve()
-    cfg = {**base, "model": {"path": model_dir},
+    run = {k: v for k, v in base["run"].items() if k != "batch_size"}  # RL: prompts_per_step
+    cfg = {**base, "run": run, "model": {"path": model_dir},
            "data": {"train": data, "eval_fraction": 0},
            "rollout": {"prompts_per_step": w.batch, "samples_per_prompt": w.samples,
                        "max_new_tokens": NEW_TOKENS, "temperature": 1.0},
@@ -118,20 +120,20 @@ def main() -> None:
     times: list[float] = []
     gen: list[tuple[float, int]] = []
     losses: list[float] = []
-    timer = GenerationTimer(lambda exp, args, kwargs: exp.response_ids.numel())
+    timer = GenerationTimer(lambda exp, args, kwargs: int(exp.response_mask.sum()))
     if hasattr(trainer, "engine"):
         trainer.engine.generate = timer.wrap(trainer.engine.generate)
-    step = trainer.optimizer_step
+    step = trainer.train_step
 
-    def timed_step(items):
+    def timed_step():
         t0 = time.perf_counter()
-        metrics = step(items)
+        metrics, n = step()
         times.append(time.perf_counter() - t0)
         gen.append(timer.take())
         losses.append(float(metrics.get("train/loss", metrics.get("loss/policy", "nan"))))
-        return metrics
+        return metrics, n
 
-    trainer.optimizer_step = timed_step
+    trainer.train_step = timed_step
     trainer.train()
     emit({"lib": "posttrain", "version": posttrain.__version__,
           "gradient_checkpointing": cfg.run.gradient_checkpointing,

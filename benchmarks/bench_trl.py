@@ -39,8 +39,21 @@ def _count_generated(out, args, kwargs) -> int:
     return int(seqs.shape[0] * (seqs.shape[1] - ids.shape[1]))
 
 
+def _count_vllm(outputs, args, kwargs) -> int:
+    return sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
 def main() -> None:
-    a = worker_args().parse_args()
+    ap = worker_args()
+    ap.add_argument("--vllm", action="store_true",
+                    help="GRPO samples with TRL's vLLM in colocate mode (engines.py)")
+    a = ap.parse_args()
+    if a.vllm:  # colocate mode runs vLLM in this process, as one rank of a world of one
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533"),
+                           ("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
+                           ("VLLM_CPU_KVCACHE_SPACE", "1")):
+            os.environ.setdefault(key, value)
 
     import torch
     import transformers
@@ -52,8 +65,23 @@ def main() -> None:
     model_dir = str(a.root / a.size)
     rm_dir = str(a.root / f"{a.size}-rm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    timer = GenerationTimer(_count_generated)
-    transformers.GenerationMixin.generate = timer.wrap(transformers.GenerationMixin.generate)
+    timer = GenerationTimer(_count_vllm if a.vllm else _count_generated)
+    if a.vllm:
+        import vllm
+        import vllm.model_executor.layers.utils as layer_utils
+
+        vllm.LLM.generate = timer.wrap(vllm.LLM.generate)
+
+        # On a CPU vLLM packs linear weights and drops them, so TRL's weight sync
+        # (`load_weights`) fails ('Parameter' object has no attribute 'weight_loader'). The
+        # same fix posttrain's engine applies: the CPU linears keep and read their weights.
+        def read_weight(layer, remove_weight):
+            layer.cpu_linear = lambda x, w, b: torch.nn.functional.linear(x, w, b)
+
+        layer_utils.dispatch_cpu_unquantized_gemm = read_weight
+    else:
+        transformers.GenerationMixin.generate = timer.wrap(
+            transformers.GenerationMixin.generate)
 
     times: list[float] = []
     gen: list[tuple[float, int]] = []
@@ -119,6 +147,8 @@ def main() -> None:
                          num_generations=w.samples, max_completion_length=NEW_TOKENS,
                          beta=w.beta, temperature=1.0, top_p=1.0, num_iterations=1,
                          loss_type="grpo", scale_rewards="group", log_completions=False,
+                         **({"use_vllm": True, "vllm_mode": "colocate",
+                             "vllm_gpu_memory_utilization": 0.3} if a.vllm else {}),
                          **common)
         trainer = GRPOTrainer(model=model_dir, reward_funcs=[reward], args=cfg,
                               train_dataset=data, processing_class=tokenizer,

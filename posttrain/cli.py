@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the GPU's memory for weights and KV cache (default 0.9)")
     srv.add_argument("--tensor-parallel-size", type=int, default=1,
                      help="GPUs the engine spans (default 1)")
-    srv.add_argument("--cpu-kv-cache-gib", type=float, default=1.0,
-                     help="KV cache size on a CPU, GiB (default 1)")
+    srv.add_argument("--cpu-kv-cache-gib", type=int, default=1,
+                     help="KV cache size on a CPU, whole GiB (default 1)")
     srv.add_argument("--seed", type=int, default=0, help="the engine's seed (default 0)")
     srv.set_defaults(func=_rollout_server)
 

@@ -88,7 +88,7 @@ def _handler(engine: VLLMEngine, arch: dict[str, Any]):
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
           max_model_len: int = 512, gpu_memory_utilization: float = 0.9,
-          tensor_parallel_size: int = 1, cpu_kv_cache_gib: float = 1.0, seed: int = 0,
+          tensor_parallel_size: int = 1, cpu_kv_cache_gib: int = 1, seed: int = 0,
           device: str = "auto") -> None:
     """Run the server until interrupted. `model` is a Hugging Face model directory (its
     config is what the engine builds; weights come from the trainer). Port 0 picks a free

@@ -39,14 +39,15 @@ EXTRA = ("rollout.engine=vllm needs vLLM: pip install 'posttrain[vllm]' (GPU), o
 Sample = tuple[list[int], list[float] | None]
 
 
-def import_vllm(cpu_kv_cache_gib: float | None = None):
+def import_vllm(cpu_kv_cache_gib: int | None = None):
     """`vllm`, imported for a colocated engine: the engine core runs in this process (so
     weights are handed over by reference, not serialised), and on a CPU its KV cache gets
     `cpu_kv_cache_gib` GiB. Not installed, or installed with builds that fail to load, is a
     one-line `ConfigError`."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if cpu_kv_cache_gib is not None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
+        # whole GiB (vLLM parses an int); a value set in the environment wins
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(cpu_kv_cache_gib)))
     try:
         import vllm
     except ImportError:
@@ -181,7 +182,7 @@ class VLLMEngine:
     def __init__(self, config, pad_id: int, eos_id: int | Sequence[int] | None, decode=None, *,
                  dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  gpu_memory_utilization: float = 0.3, sleep: bool = False,
-                 tensor_parallel_size: int = 1, cpu_kv_cache_gib: float = 1.0,
+                 tensor_parallel_size: int = 1, cpu_kv_cache_gib: int = 1,
                  device: torch.device | str = "cpu", load_format: str = "dummy") -> None:
         self.pad_id, self.eos_id, self.decode = pad_id, eos_id, decode
         self.device = torch.device(device)

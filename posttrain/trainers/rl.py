@@ -284,7 +284,8 @@ class RolloutConfig:
         "vllm: release the engine's GPU memory while the trainer trains (vLLM sleep mode; "
         "CUDA only, ignored on a CPU).", False)
     vllm_tensor_parallel_size: int = doc("vllm: GPUs one engine spans.", 1)
-    vllm_cpu_kv_cache_gib: float = doc("vllm on a CPU: the KV cache's size in GiB.", 1.0)
+    vllm_cpu_kv_cache_gib: int = doc("vllm on a CPU: the KV cache's size in whole GiB (what "
+                                     "vLLM's VLLM_CPU_KVCACHE_SPACE takes).", 1)
     server: str | None = doc(
         "vllm: sample on a rollout server (`posttrain rollout-server --model DIR`) at this "
         "URL, e.g. http://127.0.0.1:8000, instead of in this process; the weights are sent "

@@ -132,8 +132,8 @@ class HFGenerateEngine:
             parts = [self.generate([ids], replace(sampling, seed=seed))
                      for ids, seed in zip(prompt_ids, seeds, strict=True)]
             exp = Experience.concat(parts, self.pad_id)
-            return self._annotate(exp, len(prompt_ids), sampling.samples_per_prompt, prompts,
-                                  meta)
+            return annotate(exp, len(prompt_ids), sampling.samples_per_prompt, prompts, meta,
+                            self.decode)
         if not prompt_ids:
             raise ConfigError("generate needs at least one prompt")
         if any(len(p) == 0 for p in prompt_ids):
@@ -150,11 +150,7 @@ class HFGenerateEngine:
         finally:
             self.model.train(was_training)
         exp = parts[0] if len(parts) == 1 else Experience.concat(parts, self.pad_id)
-        return self._annotate(exp, len(prompt_ids), n, prompts, meta)
-
-    def _annotate(self, exp: Experience, n_prompts: int, n: int, prompts: Sequence[Any],
-                  meta: dict[str, list[Any]] | None) -> Experience:
-        return annotate(exp, n_prompts, n, prompts, meta, self.decode)
+        return annotate(exp, len(prompt_ids), n, prompts, meta, self.decode)
 
     def _rng_devices(self) -> list:
         device = next(self.model.parameters()).device

@@ -16,7 +16,6 @@ rollout.
 from __future__ import annotations
 
 import json
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -189,8 +188,3 @@ class RemoteVLLMEngine:
         body = json.dumps({"sequences": [list(map(int, s)) for s in sequences]}).encode()
         return self._request("POST", "/score", body)["logprobs"]
 
-
-def main(argv: Sequence[str] | None = None) -> None:  # python -m posttrain.rollout.server
-    from posttrain.cli import main as cli_main
-
-    cli_main(["rollout-server", *(sys.argv[1:] if argv is None else argv)])

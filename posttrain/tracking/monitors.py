@@ -1,61 +1,86 @@
 """Monitors that read a run's metric history and say, with the step and the numbers, when
 training goes wrong in one of the ways ALGORITHMS.md section 7 names.
 
-- reward hacking: the training (proxy) reward keeps rising while the gold reward, or the
-  held-out reward, falls from its best;
+- reward hacking: the proxy reward keeps rising while the gold reward, or the held-out reward,
+  falls from its best;
 - over-optimisation against KL: the gold reward peaked at some KL and fell as the KL grew;
 - entropy collapse, response-length collapse;
 - the value-bias signature (VC-PPO): early tokens get larger mean advantages than late ones.
 
+The RL trainer evaluates two ways, and the two can disagree: the greedy series (`eval/gold`,
+`eval/reward`, `eval/response_length`) is the policy as deployed, the sampled one (the same
+keys with `_sampled`) the policy as trained. A PPO run once had its greedy gold reward fall
+(0.79 -> -0.40) while its greedy proxy rose (-1.09 -> 2.47) and the sampled gold rose, so the
+reward-hacking, over-optimisation and evaluation length-collapse checks judge each series on
+its own, and an alert's `series` says which one fired (None for checks on training metrics).
+
 Each check is a pure function of the history, so the same warnings appear live (the RL
 trainer runs them at every log step) and in the report.
 
-A run's directory holds `alerts.jsonl` (each kind of alert, once, when it first fired) and
-`monitors.json`, rewritten at every check: the step of the last metric row checked and how many
-rows (and advantage-by-position rows) were checked. A run without alerts.jsonl but with a
-`monitors.json` at its last step was watched and stayed healthy; one without `monitors.json`
-was never watched (`read_monitor_status`).
+A run's directory holds `alerts.jsonl` (each kind of alert, once per series, when it first
+fired) and `monitors.json`, rewritten at every check: the step of the last metric row checked
+and how many rows (and advantage-by-position rows) were checked. A run without alerts.jsonl but
+with a `monitors.json` at its last step was watched and stayed healthy; one without
+`monitors.json` was never watched (`read_monitor_status`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 Row = dict[str, float]
+Series = Literal["greedy", "sampled"]
+SERIES: tuple[Series, ...] = ("sampled", "greedy")  # the order checks without `series` try
 
 
 @dataclass(frozen=True)
 class Alert:
+    """`kind` names the check; `series` the evaluation series it judged ("greedy" or
+    "sampled"), None when it read training metrics (and in alerts.jsonl files written before
+    the series were told apart)."""
+
     kind: str
     step: int
     message: str
+    series: str | None = None
+
+
+def eval_key(metric: str, series: Series) -> str:
+    """The metric-row key of an evaluation metric (`gold`, `reward`, `response_length`) in one
+    series: the greedy one is unsuffixed, the sampled one ends in `_sampled`."""
+    return f"eval/{metric}_sampled" if series == "sampled" else f"eval/{metric}"
 
 
 def _series(rows: Sequence[Row], key: str) -> list[tuple[int, float]]:
     return [(int(r["step"]), float(r[key])) for r in rows if key in r]
 
 
-def _first_key(rows: Sequence[Row], keys: Sequence[str]) -> str | None:
-    return next((k for k in keys if any(k in r for r in rows)), None)
+def _first(alerts: Iterable[Alert | None]) -> Alert | None:
+    return next((a for a in alerts if a is not None), None)
 
 
 def reward_hacking(rows: Sequence[Row], min_points: int = 3, drop: float = 0.2,
-                   relative: float = 0.1) -> Alert | None:
-    """Proxy up, judge down: the judge (gold reward, else the held-out reward) has fallen from
-    its best evaluation by more than `drop` x its range and `relative` x its best value, while
-    the proxy (the training reward) is at or above where it was at that best."""
-    judge_key = _first_key(rows, ["eval/gold_sampled", "eval/gold"])
-    if judge_key is not None:
-        proxy_key = "eval/reward_sampled" if judge_key.endswith("_sampled") else "eval/reward"
-        label = "gold"
+                   relative: float = 0.1, *, series: Series | None = None) -> Alert | None:
+    """Proxy up, judge down, in one evaluation series: the judge (the series' gold reward, else
+    its held-out reward) has fallen from its best evaluation by more than `drop` x its range
+    and `relative` x its best value, while the proxy (the series' reward-model score, else the
+    training reward) is at or above where it was at that best.
+
+    Without `series`, the sampled series is judged, then the greedy one, and the first alert is
+    returned; `check_all` judges both and reports each."""
+    if series is None:
+        return _first(reward_hacking(rows, min_points, drop, relative, series=s) for s in SERIES)
+    gold_key = eval_key("gold", series)
+    if any(gold_key in r for r in rows):
+        judge_key, proxy_key = gold_key, eval_key("reward", series)
+        judge_name, proxy_name = f"{series} gold reward", f"{series} proxy reward"
     else:  # no gold: the held-out reward judges the training reward
-        judge_key = _first_key(rows, ["eval/reward_sampled", "eval/reward"])
-        proxy_key, label = "reward/mean", "held-out"
-    if judge_key is None:
-        return None
+        judge_key, proxy_key = eval_key("reward", series), "reward/mean"
+        judge_name, proxy_name = f"{series} held-out reward", "training reward"
     judge, proxy = _series(rows, judge_key), dict(_series(rows, proxy_key))
     if len(judge) < min_points:
         return None
@@ -72,10 +97,10 @@ def reward_hacking(rows: Sequence[Row], min_points: int = 3, drop: float = 0.2,
     if p_best is None or p_last is None or p_last < p_best:
         return None
     return Alert("reward_hacking", last_step,
-                 f"reward hacking: the {label} reward fell from {best:.3g} (step {best_step}) "
-                 f"to {last:.3g} (step {last_step}) while the training reward rose from "
+                 f"reward hacking: the {judge_name} fell from {best:.3g} (step {best_step}) "
+                 f"to {last:.3g} (step {last_step}) while the {proxy_name} rose from "
                  f"{p_best:.3g} to {p_last:.3g}. Raise the KL coefficient, stop earlier, or "
-                 "improve the reward model.")
+                 "improve the reward model.", series)
 
 
 def _nearest(series: dict[int, float], step: int) -> float | None:
@@ -85,14 +110,16 @@ def _nearest(series: dict[int, float], step: int) -> float | None:
     return series[key]
 
 
-def kl_overoptimisation(rows: Sequence[Row], min_points: int = 3,
-                        drop: float = 0.2) -> Alert | None:
-    """The gold reward as a function of KL: it peaked and then fell while the KL kept growing
-    (Gao et al.'s over-optimisation curve)."""
-    gold_key = _first_key(rows, ["eval/gold_sampled", "eval/gold"])
-    if gold_key is None:
-        return None
-    gold = _series(rows, gold_key)
+def kl_overoptimisation(rows: Sequence[Row], min_points: int = 3, drop: float = 0.2, *,
+                        series: Series | None = None) -> Alert | None:
+    """One series' gold reward as a function of KL: it peaked and then fell while the KL kept
+    growing (Gao et al.'s over-optimisation curve).
+
+    Without `series`, the sampled series is judged, then the greedy one, and the first alert is
+    returned; `check_all` judges both and reports each."""
+    if series is None:
+        return _first(kl_overoptimisation(rows, min_points, drop, series=s) for s in SERIES)
+    gold = _series(rows, eval_key("gold", series))
     kl = dict(_series(rows, "kl/ref_seq"))
     pairs = [(k, g, s) for s, g in gold if (k := _nearest(kl, s)) is not None and s > 0]
     if len(pairs) < min_points:
@@ -105,22 +132,23 @@ def kl_overoptimisation(rows: Sequence[Row], min_points: int = 3,
     if best == len(pairs) - 1 or span <= 0 or g_best - g_last <= drop * span or kl_last <= kl_best:
         return None
     return Alert("kl_overoptimisation", s_last,
-                 f"over-optimisation: the gold reward peaked at {g_best:.3g} at KL {kl_best:.3g}"
-                 f" (step {s_best}) and fell to {g_last:.3g} at KL {kl_last:.3g} (step "
-                 f"{s_last}). A KL budget near {kl_best:.2g} would have kept the best policy.")
+                 f"over-optimisation: the {series} gold reward peaked at {g_best:.3g} at KL "
+                 f"{kl_best:.3g} (step {s_best}) and fell to {g_last:.3g} at KL {kl_last:.3g} "
+                 f"(step {s_last}). A KL budget near {kl_best:.2g} would have kept the best "
+                 "policy.", series)
 
 
 def _collapse(rows: Sequence[Row], key: str, ratio: float, kind: str, what: str,
-              advice: str) -> Alert | None:
+              advice: str, series: Series | None = None) -> Alert | None:
     """`key` fell below `ratio` x its first logged value."""
-    series = _series(rows, key)
-    if len(series) < 3 or series[0][1] <= 0:
+    points = _series(rows, key)
+    if len(points) < 3 or points[0][1] <= 0:
         return None
-    (first_step, first), (step, last) = series[0], series[-1]
+    (first_step, first), (step, last) = points[0], points[-1]
     if last >= ratio * first:
         return None
     return Alert(kind, step, f"{what} fell from {first:.3g} (step {first_step}) to {last:.3g} "
-                             f"(step {step}). {advice}")
+                             f"(step {step}). {advice}", series)
 
 
 def entropy_collapse(rows: Sequence[Row], ratio: float = 0.1) -> Alert | None:
@@ -130,11 +158,19 @@ def entropy_collapse(rows: Sequence[Row], ratio: float = 0.1) -> Alert | None:
                      "or a lower lr.")
 
 
-def length_collapse(rows: Sequence[Row], ratio: float = 0.5) -> Alert | None:
-    return _collapse(rows, "response/length", ratio, "length_collapse",
-                     "response-length collapse: the mean length in tokens",
+def length_collapse(rows: Sequence[Row], ratio: float = 0.5, *,
+                    series: Series | None = None) -> Alert | None:
+    """The mean response length fell below `ratio` x its first value: in the training rollouts
+    (`response/length`) without `series`, else in that evaluation series, which can collapse
+    on its own (greedy decoding finds the short answer first)."""
+    if series is None:
+        key, where = "response/length", "the training rollouts'"
+    else:
+        key, where = eval_key("response_length", series), f"the {series} evaluation's"
+    return _collapse(rows, key, ratio, "length_collapse",
+                     f"response-length collapse: {where} mean length in tokens",
                      "With a critic, this is the symptom of value bias: pretrain the critic "
-                     "(vc_ppo/vapo) or use decoupled GAE.")
+                     "(vc_ppo/vapo) or use decoupled GAE.", series)
 
 
 def value_bias(positions: Sequence[dict], steps: int = 20, early: int = 5,
@@ -165,27 +201,33 @@ def value_bias(positions: Sequence[dict], steps: int = 20, early: int = 5,
 
 
 def check_all(rows: Sequence[Row], positions: Sequence[dict] = ()) -> list[Alert]:
-    checks = [reward_hacking(rows), kl_overoptimisation(rows), entropy_collapse(rows),
-              length_collapse(rows), value_bias(positions) if positions else None]
+    """Every check, the evaluation ones once per series, so a greedy policy that is hacked
+    while the sampled one is not (or the reverse) still raises its alert."""
+    checks = [*(reward_hacking(rows, series=s) for s in SERIES),
+              *(kl_overoptimisation(rows, series=s) for s in SERIES),
+              entropy_collapse(rows), length_collapse(rows),
+              *(length_collapse(rows, series=s) for s in SERIES),
+              value_bias(positions) if positions else None]
     return [a for a in checks if a is not None]
 
 
 class MonitorLog:
     """Runs the checks on a growing history; each kind of alert is printed and written to
-    `alerts.jsonl` once (the first time it fires), and `monitors.json` records what was last
+    `alerts.jsonl` once per series (the first time it fires: reward hacking of the greedy
+    policy and of the sampled one are two alerts), and `monitors.json` records what was last
     checked (see the module docstring)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = Path(run_dir) / "alerts.jsonl"
         self.status_path = Path(run_dir) / "monitors.json"
-        self.seen: set[str] = set()
-        if self.path.exists():
-            self.seen = {json.loads(line)["kind"] for line in self.path.open() if line.strip()}
+        self.seen: set[tuple[str, str | None]] = set()
+        if self.path.exists():  # a resumed run: what fired before the restart stays reported
+            self.seen = {(a.kind, a.series) for a in read_alerts(run_dir)}
 
     def update(self, rows: Sequence[Row], positions: Sequence[dict] = ()) -> list[Alert]:
-        new = [a for a in check_all(rows, positions) if a.kind not in self.seen]
+        new = [a for a in check_all(rows, positions) if (a.kind, a.series) not in self.seen]
         for alert in new:
-            self.seen.add(alert.kind)
+            self.seen.add((alert.kind, alert.series))
             print(f"WARNING (step {alert.step}): {alert.message}", flush=True)
             with self.path.open("a") as f:
                 f.write(json.dumps(asdict(alert)) + "\n")
@@ -198,6 +240,8 @@ class MonitorLog:
 
 
 def read_alerts(run_dir: Path) -> list[Alert]:
+    """The alerts a run recorded, oldest first; lines written before alerts had a `series`
+    read back with series None."""
     path = Path(run_dir) / "alerts.jsonl"
     if not path.exists():
         return []

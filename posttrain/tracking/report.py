@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from posttrain.tracking.metrics import read_jsonl, read_metrics
-from posttrain.tracking.monitors import check_all
+from posttrain.tracking.monitors import SERIES, Alert, check_all, eval_key
 
 PLOTS: list[tuple[str, str, list[str]]] = [
     ("reward", "Reward (train = sampled rollouts; eval = held-out prompts)",
@@ -100,35 +100,48 @@ def _advantage_plot(positions):
 
 
 def _gold_vs_kl(rows):
+    """One line per evaluation series (greedy, sampled): the monitors judge them apart, since
+    the deployed greedy policy can be over-optimised while the sampled one is not."""
     import matplotlib.pyplot as plt
 
-    gold_key = next((k for k in ("eval/gold_sampled", "eval/gold") if any(k in r for r in rows)),
-                    None)
     kl = {r["step"]: r["kl/ref_seq"] for r in rows if "kl/ref_seq" in r}
-    if gold_key is None or not kl:
+    if not kl:
         return None
-    pts = []
-    for r in rows:
-        if gold_key in r and r["step"] > 0:
-            nearest = min(kl, key=lambda s, step=r["step"]: abs(s - step))
-            pts.append((kl[nearest], r[gold_key], r["step"]))
-    start = next((r[gold_key] for r in rows if gold_key in r and r["step"] == 0), None)
-    if start is not None:
-        pts.insert(0, (0.0, start, 0))
-    if len(pts) < 2:
+    lines = []
+    for series in SERIES:
+        gold_key = eval_key("gold", series)
+        pts = []
+        for r in rows:
+            if gold_key in r and r["step"] > 0:
+                nearest = min(kl, key=lambda s, step=r["step"]: abs(s - step))
+                pts.append((kl[nearest], r[gold_key], r["step"]))
+        start = next((r[gold_key] for r in rows if gold_key in r and r["step"] == 0), None)
+        if start is not None:
+            pts.insert(0, (0.0, start, 0))
+        if len(pts) >= 2:
+            lines.append((f"{series} ({gold_key})", pts))
+    if not lines:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    xs, ys, _ = zip(*pts, strict=True)
-    ax.plot(xs, ys, marker="o", markersize=3)
-    for x, y, s in pts:
-        ax.annotate(str(s), (x, y), fontsize=6)
+    for label, pts in lines:
+        xs, ys, _ = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+        for x, y, s in pts:
+            ax.annotate(str(s), (x, y), fontsize=6)
     ax.set_title("Gold reward against KL to the reference (over-optimisation)", fontsize=10)
     ax.set_xlabel("KL (nats per sequence)")
     ax.set_ylabel("gold reward")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     data = _png(fig)
     plt.close(fig)
     return data
+
+
+def _alert_source(alert: Alert) -> str:
+    """The check and what it read, so two alerts of one kind (greedy, sampled) tell apart."""
+    source = f"{alert.series} evaluation" if alert.series else "training metrics"
+    return f"{alert.kind}, {source}"
 
 
 def _config_summary(run_dir: Path) -> list[tuple[str, str]]:
@@ -194,8 +207,8 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append("</table>")
     parts.append("<h2>Monitors</h2>")
     if alerts:
-        parts += [f"<div class='alert'><b>step {a.step}</b>: {esc(a.message)}</div>"
-                  for a in alerts]
+        parts += [f"<div class='alert'><b>step {a.step}</b> ({esc(_alert_source(a))}): "
+                  f"{esc(a.message)}</div>" for a in alerts]
     else:
         parts.append("<p>No warning: no reward hacking, over-optimisation, entropy or length "
                      "collapse, or value-bias signature was detected.</p>")

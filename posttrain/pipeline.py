@@ -23,8 +23,11 @@ def task_root() -> Path:
 
 
 # Per task: SFT budget and response length that suit the tiny model on 2 CPU cores.
+# arithmetic, measured over task seeds 0-3 (2000 steps, cosine): lr 1e-3 gives greedy held-out
+# accuracy 0.56-0.62 at every seed; 3e-3 stayed on the loss plateau (about 1.0) at seed 2
+# (greedy 0.12) and weight decay 0.1 did not help.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "arithmetic": {"sft_steps": 600, "max_new_tokens": 4, "sft_lr": 3e-3},
+    "arithmetic": {"sft_steps": 2000, "max_new_tokens": 4, "sft_lr": 1e-3},
     "arithmetic_cot": {"sft_steps": 600, "max_new_tokens": 40, "sft_lr": 3e-3},
     "preference": {"sft_steps": 200, "max_new_tokens": 14, "sft_lr": 3e-3},
 }
@@ -185,7 +188,14 @@ def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
         # and learned at every seed tried.
         algo["length_alpha"] = 0.5
     if preset.get("algo", {}).get("ptx_coef"):
-        algo["ptx_data"] = _file(task_dir, "sft_train")
+        # InstructGPT mixes in pretraining text, which keeps skills RL is not rewarding; a task
+        # may ship such text (`ptx_train`), else the SFT demonstrations stand in. On
+        # `arithmetic` the demonstrations carry the demonstrator's forgotten carries, and ptx on
+        # them pulls the policy back to that slip (measured over seeds 0-2: greedy gain
+        # 0.03 ± 0.07, against +0.21 for PPO); its `ptx_train`, the right carry-free sums,
+        # keeps carry-free accuracy (0.95) while RL learns the carries (+0.27 at seed 0).
+        files = task_info(task_dir)["files"]
+        algo["ptx_data"] = _file(task_dir, "ptx_train" if "ptx_train" in files else "sft_train")
     return {
         "model": {"path": str(sft)},
         "data": {"train": _file(task_dir, "rl_train"), "eval": _file(task_dir, "rl_eval")},

@@ -13,6 +13,8 @@ Files written (JSONL, one record a line, in the public formats of `posttrain.dat
 | `sft_eval.jsonl` | `completion` | prompt, completion      | held-out demonstrations, all right|
 | `rl_train.jsonl` | `prompt`     | prompt, answer          | training prompts, the true sum    |
 | `rl_eval.jsonl`  | `prompt`     | prompt, answer          | held-out prompts, the true sum    |
+| `ptx_train.jsonl`| `completion` | prompt, completion      | `arithmetic` only: the right      |
+|                  |              |                         | demonstrations without a carry    |
 
 Held-out operand pairs never appear in a training file (`a+b` and `b+a` count as different
 prompts; only the exact pair is held out). The SFT and RL training files share their prompts:
@@ -20,14 +22,23 @@ RL starts where SFT stopped, on the same distribution. `answer` is the true sum 
 string, so the rule reward is an exact string match (`task.json` names it).
 
 Why the defaults: the tiny model (about 0.27 M parameters, one token per character) has to
-learn addition in a few minutes of CPU SFT. Operands 0..49 give 2,500 pairs and sums of at
+learn addition in about a minute of CPU SFT. Operands 0..49 give 2,500 pairs and sums of at
 most two digits; holding out 10% leaves 2,250 training pairs, so the model must learn carrying
-to answer the held-out ones. A fifth of the training demonstrations are wrong (the answer off
-by 1..10, never the true sum), so SFT alone stays imperfect and RL with the exact-answer
-reward has something to fix. In a probe (AdamW, learning rate 3e-3 constant, batch 64, one
-CPU thread) held-out greedy accuracy reached about 85% within a minute, then fell to about
-75% by four minutes as the model memorised the wrong demonstrations; with operands 0..99 it
-reached 95% in three minutes, leaving RL less to do.
+to answer the held-out ones. The demonstrator is a weak one, the way human demonstrations
+are: in 70% of the sums with a carry it forgets the carry (`37+48=` -> `75`), and a tenth of
+the other demonstrations are wrong at random (off by 1..10). Random slips leave the most
+likely answer right, so greedy decoding after SFT would hide them; a systematic slip does not.
+SFT imitates the demonstrator: its greedy answer forgets the carry on held-out prompts too
+(greedy accuracy 0.56-0.62 over task seeds 0-3: 0.91-0.96 without a carry, 0.15-0.23 with
+one), while its samples still hold the right answer now and then on a carry prompt. That is
+the room RL with the exact-answer reward is for: in 150 steps every preset lifts greedy
+accuracy by about 20 points or more (docs/results.md, three seeds). With random slips only
+(`carry_slip_fraction=0`) SFT reaches about 0.9 greedy, and RL can raise the sampled accuracy
+but hardly the greedy one (issue 15).
+
+`ptx_train` stands in for PPO-ptx's pretraining text: text that keeps a skill RL does not
+reward, without the demonstrator's slip. It is the right demonstrations of sums without a
+carry; ptx on `sft_train` instead would pull the policy back to forgetting the carry.
 
 The chain-of-thought format (`arithmetic_cot`), one step per column, least significant first:
 
@@ -77,8 +88,14 @@ class ArithmeticConfig:
     """Operands are drawn from 0..max_operand (both ends included)."""
     eval_fraction: float = 0.1
     """Share of the operand pairs held out for evaluation (never in a training file)."""
-    wrong_fraction: float = 0.2
-    """Share of the SFT training demonstrations whose answer is wrong (exactly rounded)."""
+    carry_slip_fraction: float = 0.7
+    """Share of the SFT training demonstrations with a carry in which the demonstrator
+    forgets it, writing each column's digit sum mod 10 (`37+48=` -> `75`), exactly rounded.
+    A systematic mistake: SFT learns it as the most likely answer, so the greedy policy
+    makes it too, and only a reward for the true sum teaches it away."""
+    wrong_fraction: float = 0.1
+    """Share of the other SFT training demonstrations whose answer is wrong at random
+    (exactly rounded)."""
     max_wrong_offset: int = 10
     """A wrong answer is the true sum moved by 1..max_wrong_offset, up or down (never < 0)."""
 
@@ -86,6 +103,7 @@ class ArithmeticConfig:
         if self.max_operand < 1:
             raise ConfigError(f"max_operand={self.max_operand}: must be at least 1")
         _check_fraction("eval_fraction", self.eval_fraction)
+        _check_fraction("carry_slip_fraction", self.carry_slip_fraction)
         _check_fraction("wrong_fraction", self.wrong_fraction)
         if self.max_wrong_offset < 1:
             raise ConfigError(f"max_wrong_offset={self.max_wrong_offset}: must be at least 1")
@@ -141,6 +159,20 @@ def _wrong_indices(n: int, fraction: float, rng: random.Random) -> set[int]:
     return set(rng.sample(range(n), round(fraction * n)))
 
 
+def has_carry(a: int, b: int) -> bool:
+    """True when adding `a` and `b` column by column carries at least once."""
+    return carry_free_sum(a, b) != a + b
+
+
+def carry_free_sum(a: int, b: int) -> int:
+    """`a + b` with every carry forgotten: each column's digit sum mod 10 (`37+48` -> 75)."""
+    total, place = 0, 1
+    while a or b:
+        total += (a % 10 + b % 10) % 10 * place
+        a, b, place = a // 10, b // 10, place * 10
+    return total
+
+
 def build_arithmetic(seed: int, config: ArithmeticConfig) -> dict[str, list[dict[str, str]]]:
     """The records of the `arithmetic` files, {file stem: records}; the same for the same seed."""
     rng = random.Random(f"arithmetic/{seed}")
@@ -148,13 +180,20 @@ def build_arithmetic(seed: int, config: ArithmeticConfig) -> dict[str, list[dict
     rng.shuffle(pairs)
     n_eval = round(config.eval_fraction * len(pairs))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
-    wrong = _wrong_indices(len(train_pairs), config.wrong_fraction, rng)
+    carries = [i for i, (a, b) in enumerate(train_pairs) if has_carry(a, b)]
+    slips = {carries[j] for j in _wrong_indices(len(carries), config.carry_slip_fraction, rng)}
+    others = [i for i in range(len(train_pairs)) if i not in slips]
+    wrong = {others[j] for j in _wrong_indices(len(others), config.wrong_fraction, rng)}
     sft_train = []
     for i, (a, b) in enumerate(train_pairs):
-        answer = _wrong_sum(a + b, config.max_wrong_offset, rng) if i in wrong else a + b
+        answer = (carry_free_sum(a, b) if i in slips
+                  else _wrong_sum(a + b, config.max_wrong_offset, rng) if i in wrong else a + b)
         sft_train.append({"prompt": _prompt(a, b), "completion": str(answer)})
+    ptx_train = [record for (a, b), record in zip(train_pairs, sft_train)
+                 if not has_carry(a, b) and record["completion"] == str(a + b)]
     return {
         "sft_train": sft_train,
+        "ptx_train": ptx_train,
         "sft_eval": [{"prompt": _prompt(a, b), "completion": str(a + b)} for a, b in eval_pairs],
         "rl_train": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in train_pairs],
         "rl_eval": [{"prompt": _prompt(a, b), "answer": str(a + b)} for a, b in eval_pairs],

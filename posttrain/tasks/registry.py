@@ -152,6 +152,7 @@ _ARITHMETIC_FILES = {
     "rl_train": "prompt",
     "rl_eval": "prompt",
 }
+_SUM_FILES = {**_ARITHMETIC_FILES, "ptx_train": "completion"}
 
 TASKS: dict[str, Task] = {}
 """Name -> Task, in registration order."""
@@ -167,10 +168,10 @@ def register_task(task: Task) -> Task:
 
 register_task(Task(
     name="arithmetic",
-    description="a+b= (operands 0..49) answered by the sum; exact-answer reward; 20% of the "
-    "SFT demonstrations wrong",
+    description="a+b= (operands 0..49) answered by the sum; exact-answer reward; the SFT "
+    "demonstrator forgets 70% of carries",
     config_cls=arithmetic.ArithmeticConfig,
-    files=_ARITHMETIC_FILES,
+    files=_SUM_FILES,
     reward={"name": "exact_match", "column": "answer"},
     build=_build_arithmetic,
 ))

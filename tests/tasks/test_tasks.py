@@ -18,10 +18,12 @@ from posttrain.errors import ConfigError, DataError, RewardError
 from posttrain.tasks import TASKS, list_tasks, make_task, register_task
 from posttrain.tasks.arithmetic import (
     ANSWER_PATTERN,
+    carry_free_sum,
     check_cot,
     cot_completion,
     cot_completion_with_slip,
     extract_answer,
+    has_carry,
     parse_cot,
 )
 from posttrain.tasks.preference import (
@@ -78,6 +80,8 @@ def test_files_exist_and_validate(made, name):
                 "rl_eval": "prompt"}
     if name in ("preference", "arithmetic_cot"):
         expected |= {"pref_train": "preference", "pref_eval": "preference"}
+    if name == "arithmetic":
+        expected |= {"ptx_train": "completion"}
     assert {s: f["kind"] for s, f in info["files"].items()} == expected
 
 
@@ -110,21 +114,50 @@ def test_arithmetic_answers_and_wrong_demonstrations(made):
     assert all(r["completion"] == str(sum_of(r["prompt"])) for r in data["sft_eval"])
     operands = [int(x) for r in data["rl_train"] for x in r["prompt"][:-1].split("+")]
     assert min(operands) == 0 and max(operands) == 49
-    # 2,500 pairs: 250 held out, 2,250 for training, of which round(0.2 * 2250) = 450 wrong.
+    # 2,500 pairs: 250 held out, 2,250 for training.
     assert len(data["rl_eval"]) == 250 and len(data["rl_train"]) == 2250
-    wrong = [r for r in data["sft_train"] if r["completion"] != str(sum_of(r["prompt"]))]
-    assert len(wrong) == 450
-    for r in wrong:
-        off = int(r["completion"]) - sum_of(r["prompt"])
-        assert 1 <= abs(off) <= 10 and int(r["completion"]) >= 0
+    pairs = [tuple(map(int, r["prompt"][:-1].split("+"))) for r in data["sft_train"]]
+    answers = [int(r["completion"]) for r in data["sft_train"]]
+    n_carry = sum((a % 10 + b % 10) >= 10 for a, b in pairs)
+    # 70% of the 1,002 sums with a carry forget it (701, 10 short); a tenth of the other
+    # 1,549 are off by 1..10 at random (155); a random -10 looks like a slip, hence the range
+    short = sum(ans == a + b - 10 for ans, (a, b) in zip(answers, pairs, strict=True))
+    wrong = sum(ans != a + b for ans, (a, b) in zip(answers, pairs, strict=True))
+    assert n_carry == 1002 and 701 <= short <= 701 + 155
+    assert wrong == 701 + 155
+    for ans, (a, b) in zip(answers, pairs, strict=True):
+        assert ans >= 0 and 0 <= abs(ans - a - b) <= 10
+    # ptx text: exactly the right demonstrations without a carry (1,248 carry-free sums, less
+    # those of the 155 random slips that fell on them), none with the demonstrator's slip
+    right_free = [f"{a}+{b}=" for ans, (a, b) in zip(answers, pairs, strict=True)
+                  if ans == a + b and (a % 10 + b % 10) < 10]
+    assert [r["prompt"] for r in data["ptx_train"]] == right_free
+    assert all(r["completion"] == str(sum_of(r["prompt"])) for r in data["ptx_train"])
+    assert 2250 - 1002 - 155 <= len(right_free) < 2250 - 1002
     # SFT and RL training files ask the same prompts.
     assert sorted(r["prompt"] for r in data["sft_train"]) == sorted(
         r["prompt"] for r in data["rl_train"])
 
 
+def test_carry_free_sum_and_the_carry_slip_option(tmp_path):
+    assert carry_free_sum(37, 48) == 75 and carry_free_sum(5, 5) == 0
+    assert carry_free_sum(99, 1) == 90 and carry_free_sum(40, 9) == 49
+    assert has_carry(37, 48) and has_carry(5, 5) and not has_carry(40, 9)
+    out = make_task("arithmetic", tmp_path, model=False, wrong_fraction=0.0,
+                    carry_slip_fraction=0.5)
+    records = files(out)["sft_train"]
+    pairs = [tuple(map(int, r["prompt"][:-1].split("+"))) for r in records]
+    carries = [i for i, (a, b) in enumerate(pairs) if has_carry(a, b)]
+    wrong = [i for i, r in enumerate(records) if int(r["completion"]) != sum(pairs[i])]
+    # exactly half the carries forgotten, nothing else wrong
+    assert set(wrong) <= set(carries) and len(wrong) == round(0.5 * len(carries))
+    assert all(int(records[i]["completion"]) == carry_free_sum(*pairs[i]) for i in wrong)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 0.5])
 def test_arithmetic_wrong_fraction_option(tmp_path, fraction):
-    out = make_task("arithmetic", tmp_path, model=False, wrong_fraction=fraction, max_operand=19)
+    out = make_task("arithmetic", tmp_path, model=False, wrong_fraction=fraction, max_operand=19,
+                    carry_slip_fraction=0.0)
     data = files(out)
     wrong = sum(r["completion"] != str(sum_of(r["prompt"])) for r in data["sft_train"])
     assert wrong == round(fraction * len(data["sft_train"]))

@@ -356,32 +356,23 @@ def test_rl_resume_is_exact(arithmetic_dir, arithmetic_sft_model, tmp_path):
 # --------------------------------------------------------------------------- learning
 
 
-# With the tiny model of two heads of 32 (issue 14: vLLM's CPU attention refuses head_dim 16)
-# SFT starts RL from 0.44 sampled accuracy (0.06 before), and these three presets gain only
-# +0.02 to +0.05 in 150 steps (measured at lr 5e-5, 1e-4 and 2e-4; higher rates dip first).
-# Recorded as strict xfails for issue 15 (learning quality): they fail once the gain is real.
-SLOW_GAIN = pytest.mark.xfail(strict=True, reason="issue 15: gains < 0.05 from the stronger "
-                              "SFT start of the head_dim-32 tiny model")
-
-
+# On `arithmetic` the SFT demonstrator forgets 70% of carries, so the SFT policy's greedy answer
+# forgets them too (about 0.57 greedy accuracy) while its samples still hold the right one: the
+# room RL is for. Over seeds 0-2 (docs/results.md) 150 steps, the pipeline's default, gain
+# every preset 0.19-0.27 greedy on average and at least +0.15 at its worst seed.
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", [pytest.param("ppo", marks=SLOW_GAIN), "grpo",
-                                    pytest.param("rloo", marks=SLOW_GAIN),
-                                    pytest.param("reinforce_pp", marks=SLOW_GAIN), "vapo"])
-def test_held_out_accuracy_rises_above_the_sft_start(preset, arithmetic_dir,
-                                                     arithmetic_sft_model, tmp_path):
-    over = {"run": {"name": preset}}
-    if preset == "vapo":
-        over["algo"] = {"value_pretrain_steps": 50}
+@pytest.mark.parametrize("preset", sorted(SPEC_PRESETS))
+def test_held_out_greedy_accuracy_rises_above_the_sft_start(preset, arithmetic_dir,
+                                                            arithmetic_sft_model, tmp_path):
+    over = {"run": {"name": preset, "eval_every": 150}}
     result = RLTrainer(rl_config(arithmetic_dir, preset, tmp_path, **over)).train()
-    sampled = [(r["step"], r["eval/reward_sampled"]) for r in rows_of(result.run_dir)
-               if "eval/reward_sampled" in r]
-    greedy = [r["eval/reward"] for r in rows_of(result.run_dir) if "eval/reward" in r]
-    start, end = sampled[0][1], sampled[-1][1]
-    assert sampled[0][0] == 0
-    # 1000 sampled answers per evaluation: a standard error of about 0.016
-    assert end > start + 0.05, sampled
-    assert greedy[-1] > greedy[0] - 0.1, greedy  # greedy accuracy is not traded away
+    rows = [r for r in rows_of(result.run_dir) if "eval/reward" in r]
+    assert [r["step"] for r in rows] == [0, 150]
+    (greedy0, greedy1), (sampled0, sampled1) = (
+        (rows[0][k], rows[-1][k]) for k in ("eval/reward", "eval/reward_sampled"))
+    # 250 greedy answers (standard error about 0.03), 1000 sampled ones (about 0.016).
+    assert greedy0 < 0.7 and greedy1 > greedy0 + 0.1, (greedy0, greedy1)
+    assert sampled1 > sampled0 + 0.1, (sampled0, sampled1)
 
 
 def test_user_reward_functions_by_module_path_and_in_a_weighted_mix(arithmetic_dir,

@@ -43,7 +43,9 @@ def test_sft_lowers_held_out_nll_and_raises_accuracy(arithmetic_sft):
     acc = evals(rows, "eval/exact_match")
     assert nll[0][0] == 0 and acc[0][0] == 0  # the untrained start is recorded
     assert nll[-1][1] < 0.5 * nll[0][1]
-    assert acc[0][1] < 0.05 and acc[-1][1] > 0.5
+    # The demonstrator forgets 70% of carries, so SFT learns to forget them: its greedy
+    # answers are right on the ~55% of held-out prompts without a carry (measured 0.53)
+    assert acc[0][1] < 0.05 and 0.4 < acc[-1][1] < 0.7
     assert (result.final_dir / "model.safetensors").exists()
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 BUDGETS = {"small": 0.4, "default": 1.0, "large": 3.0}
 PIPELINES = {"preference": "ppo", "arithmetic": "grpo"}
+EVAL_KEYS = ("eval/gold", "eval/gold_sampled", "eval/reward", "eval/reward_sampled")
+"""What the summary compares before and after RL: greedy and sampled, gold and proxy."""
 
 
 @dataclass
@@ -69,7 +71,7 @@ def run_pipeline(task: str, preset: str, out: Path, scale: float, progress: str,
     result = trainer.train()
     outcome = Outcome(task, preset, result.run_dir, time.time() - start)
     rows = _rows(result.run_dir)
-    for key in ("eval/gold_sampled", "eval/reward_sampled", "eval/reward"):
+    for key in EVAL_KEYS:
         b, a = _before_after(rows, key)
         if b is not None:
             outcome.before[key], outcome.after[key] = b, a
@@ -82,24 +84,29 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _change(o: Outcome, key: str) -> str:
+    if key not in o.before:
+        return "-"
+    return f"{_fmt(o.before[key])} -> {_fmt(o.after[key])}"
+
+
 def summary_table(outcomes: list[Outcome]) -> list[list[str]]:
-    rows = [["pipeline", "gold reward", "proxy (RM) reward", "KL to SFT", "held-out accuracy",
+    """One row per pipeline and measure, greedy and sampled side by side: the greedy policy
+    is what a user deploys, the sampled one is what RL trains on, and they can move apart
+    (a reward-hacked greedy policy under a rising sampled gold reward)."""
+    rows = [["pipeline", "measure (held-out prompts)", "greedy", "sampled", "KL to SFT",
              "wall time"]]
     for o in outcomes:
-        gold = proxy = acc = "-"
+        name = f"{o.task}: SFT -> {'RM -> ' if o.task == 'preference' else ''}{o.preset}"
         if o.task == "preference":
-            gold = (f"{_fmt(o.before.get('eval/gold_sampled'))} -> "
-                    f"{_fmt(o.after.get('eval/gold_sampled'))}")
-            proxy = (f"{_fmt(o.before.get('eval/reward_sampled'))} -> "
-                     f"{_fmt(o.after.get('eval/reward_sampled'))}")
+            measures = [("gold reward", "eval/gold"), ("proxy (RM) reward", "eval/reward")]
         else:
-            acc = (f"{_fmt(o.before.get('eval/reward_sampled'))} -> "
-                   f"{_fmt(o.after.get('eval/reward_sampled'))} (sampled), "
-                   f"{_fmt(o.before.get('eval/reward'))} -> {_fmt(o.after.get('eval/reward'))}"
-                   " (greedy)")
-        rows.append([f"{o.task}: SFT -> {'RM -> ' if o.task == 'preference' else ''}"
-                     f"{o.preset}", gold, proxy, f"{o.after['kl']:.2f}", acc,
-                     f"{o.seconds:.0f} s"])
+            measures = [("accuracy", "eval/reward")]
+        for i, (label, key) in enumerate(measures):
+            rows.append([name if i == 0 else "", label, _change(o, key),
+                         _change(o, f"{key}_sampled"),
+                         f"{o.after['kl']:.2f}" if i == 0 else "",
+                         f"{o.seconds:.0f} s" if i == 0 else ""])
     return rows
 
 

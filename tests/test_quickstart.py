@@ -48,12 +48,25 @@ def test_quickstart_ppo_beats_the_sft_model_on_gold_reward(quickstart_dir, capsy
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15: from the stronger SFT start of the head_dim-32 "
-                   "tiny model, 60 GRPO steps do not raise sampled accuracy (0.425 -> 0.4225)")
-def test_quickstart_grpo_raises_sampled_arithmetic_accuracy(quickstart_dir):
-    acc = [r["eval/reward_sampled"] for r in metrics(quickstart_dir / "grpo-arithmetic")
-           if "eval/reward_sampled" in r]
-    assert acc[-1] > acc[0], acc
+def test_quickstart_grpo_raises_greedy_and_sampled_arithmetic_accuracy(quickstart_dir):
+    rows = [r for r in metrics(quickstart_dir / "grpo-arithmetic") if "eval/reward" in r]
+    greedy = [r["eval/reward"] for r in rows]
+    sampled = [r["eval/reward_sampled"] for r in rows]
+    # SFT imitates a demonstrator that forgets most carries: greedy starts near 0.5-0.6 (100
+    # prompts, standard error about 0.05); 60 GRPO steps measured +0.19 greedy, +0.12 sampled
+    assert greedy[0] < 0.7 and greedy[-1] > greedy[0] + 0.1, greedy
+    assert sampled[-1] > sampled[0] + 0.05, sampled
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 15, open: the SFT policy's greedy answer on "
+                   "`preference` is a run of one character (`ffff`), which the reward model "
+                   "never saw in its pairs; PPO lengthens the run (greedy gold 0.66 -> -2.28 "
+                   "while the sampled gold rises 2.74 -> 4.05)")
+def test_quickstart_ppo_raises_the_greedy_gold_reward(quickstart_dir):
+    gold = [r["eval/gold"] for r in metrics(quickstart_dir / "ppo-preference")
+            if "eval/gold" in r]
+    assert gold[-1] > gold[0], gold
 
 
 @pytest.mark.slow

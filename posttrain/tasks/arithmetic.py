@@ -189,7 +189,7 @@ def build_arithmetic(seed: int, config: ArithmeticConfig) -> dict[str, list[dict
         answer = (carry_free_sum(a, b) if i in slips
                   else _wrong_sum(a + b, config.max_wrong_offset, rng) if i in wrong else a + b)
         sft_train.append({"prompt": _prompt(a, b), "completion": str(answer)})
-    ptx_train = [record for (a, b), record in zip(train_pairs, sft_train)
+    ptx_train = [record for (a, b), record in zip(train_pairs, sft_train, strict=True)
                  if not has_carry(a, b) and record["completion"] == str(a + b)]
     return {
         "sft_train": sft_train,

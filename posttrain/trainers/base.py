@@ -716,11 +716,13 @@ class Trainer:
                 seconds = time.time() - t0
                 metrics["perf/step_seconds"] = seconds
                 metrics["perf/tokens_per_second"] = tokens / seconds
-                if self.run.eval_every and self.step % self.run.eval_every == 0 \
-                        and self.step < self.run.steps:
+                evaluate = bool(self.run.eval_every) and self.step % self.run.eval_every == 0 \
+                    and self.step < self.run.steps
+                if evaluate:
                     self.phase("eval")
                     metrics.update(self.evaluate_on_main())
-                if self.step % self.run.log_every == 0 or self.step == self.run.steps:
+                # an evaluation is always logged, whatever log_every says
+                if evaluate or self.step % self.run.log_every == 0 or self.step == self.run.steps:
                     self._log(logger, monitors, metrics)
                 for callback in self.callbacks:
                     callback(self, self.step, metrics)

@@ -124,6 +124,18 @@ def test_kl_overoptimisation_judges_each_series():
     assert {a.series for a in check_all(kl_rows(peaked, peaked))} == {"greedy", "sampled"}
 
 
+def test_kl_overoptimisation_weighs_the_fall_against_the_gain_since_the_start():
+    # gold 3.4 -> 7.9 -> 7.2 (the quickstart's PPO run): a fall of 0.7 after a gain of 4.5 is
+    # under a fifth of the range, a wobble at the top; judged on the steps after 0 alone
+    # (range 0.7) it was an alarm
+    wobble = [3.4, 7.9, 7.5, 7.2]
+    assert kl_overoptimisation(kl_rows(wobble, wobble), series="greedy") is None
+    # the same fall after a gain of 2.5 is over a fifth of it (0.7 > 0.2 x 2.5)
+    fall = [5.4, 7.9, 7.5, 7.2]
+    alert = kl_overoptimisation(kl_rows(fall, fall), series="greedy")
+    assert alert is not None and "peaked at 7.9 at KL 1 (step 10)" in alert.message
+
+
 def test_length_collapse_of_the_greedy_evaluation():
     rows = [{"step": s, "eval/response_length": g, "eval/response_length_sampled": sm}
             for s, g, sm in [(0, 20.0, 20.0), (50, 15.0, 19.0), (100, 8.0, 18.0)]]

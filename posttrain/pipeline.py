@@ -192,10 +192,10 @@ def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
         # may ship such text (`ptx_train`), else the SFT demonstrations stand in. On
         # `arithmetic` the demonstrations carry the demonstrator's forgotten carries, and ptx on
         # them pulls the policy back to that slip (measured over seeds 0-2: greedy gain
-        # 0.03 ± 0.07, against +0.21 for PPO); its `ptx_train`, the right carry-free sums,
-        # keeps carry-free accuracy (0.95) while RL learns the carries (+0.27 at seed 0).
-        files = task_info(task_dir)["files"]
-        algo["ptx_data"] = _file(task_dir, "ptx_train" if "ptx_train" in files else "sft_train")
+        # 0.03 ± 0.07, against 0.21 ± 0.04 for PPO); with its `ptx_train`, the right
+        # carry-free sums, the gain is 0.23 ± 0.04 (docs/results.md).
+        ptx = "ptx_train" if "ptx_train" in info["files"] else "sft_train"
+        algo["ptx_data"] = _file(task_dir, ptx)
     return {
         "model": {"path": str(sft)},
         "data": {"train": _file(task_dir, "rl_train"), "eval": _file(task_dir, "rl_eval")},

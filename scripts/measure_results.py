@@ -1,6 +1,7 @@
 """Reproduce the numbers in docs/results.md.
 
-    .venv/bin/python scripts/measure_results.py [trainers] [rl] [value_bias] [--out DIR]
+    .venv/bin/python scripts/measure_results.py [trainers] [rl] [preference_ppo] [value_bias]
+        [--out DIR] [--seeds 0,1,2]
 
 Runs the `posttrain` commands shown in docs/results.md one after another (never in parallel:
 two torch processes on 2 cores slow each other down many times over), reads their
@@ -11,6 +12,7 @@ metrics.jsonl and prints markdown tables. Everything is written under DIR (defau
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -23,10 +25,10 @@ from posttrain.pipeline import list_presets
 PRESETS = list_presets()
 
 
-def run(args: list[str], workdir: Path) -> float:
+def run(args: list[str], workdir: Path, progress: bool = True) -> float:
     """Run `posttrain ARGS` in `workdir`; returns the wall time in seconds."""
     env = {**os.environ, "POSTTRAIN_TASKS": str(workdir / "runs" / "tasks")}
-    cmd = [sys.executable, "-m", "posttrain", *args, "--run.progress", "none"]
+    cmd = [sys.executable, "-m", "posttrain", *args, *(["--run.progress", "none"] * progress)]
     print("$ posttrain " + " ".join(args), file=sys.stderr, flush=True)
     start = time.time()
     proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
@@ -44,31 +46,55 @@ def first_last(rows: list[dict], key: str) -> tuple[float, float]:
     return values[0], values[-1]
 
 
-def trainers(workdir: Path) -> None:
-    tasks = workdir / "runs" / "tasks"
-    t_sft = run(["sft", "--task", "arithmetic"], workdir)
-    rows = metrics(tasks / "arithmetic" / "sft")
-    nll, acc = first_last(rows, "eval/nll"), first_last(rows, "eval/exact_match")
-    run(["sft", "--task", "preference"], workdir)
-    t_rm = run(["rm", "--task", "preference"], workdir)
-    rm_rows = metrics(tasks / "preference" / "rm")
-    rm_acc = first_last(rm_rows, "eval/accuracy")
-    gold_agreement = rm_gold_agreement(tasks / "preference")
-    t_dpo = run(["dpo", "--task", "preference", "--run.name", "dpo"], workdir)
-    dpo_rows = metrics(workdir / "runs" / "dpo")
-    gold = first_last(dpo_rows, "eval/reward")
-    print("\n| trainer | task | measure | before | after | wall time |")
+def seed_dir(workdir: Path, section: str, seed: int, tasks: tuple[str, ...]) -> Path:
+    """workdir/section/seedS, with its own copy of each task written with that seed (data,
+    tiny model); the stages (SFT, reward model) are trained there on first use."""
+    out = workdir / section / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    for name in tasks:
+        task = out / "runs" / "tasks" / name
+        if not (task / "task.json").exists():
+            run(["tasks", "make", name, "--out", str(task), "--seed", str(seed)], out,
+                progress=False)
+    return out
+
+
+def trainers(workdir: Path, seeds: list[int]) -> None:
+    results = []
+    for seed in seeds:
+        d = seed_dir(workdir, "trainers", seed, ("arithmetic", "preference"))
+        tasks, s = d / "runs" / "tasks", ["--run.seed", str(seed)]
+        t_sft = run(["sft", "--task", "arithmetic", *s], d)
+        rows = metrics(tasks / "arithmetic" / "sft")
+        run(["sft", "--task", "preference", *s], d)
+        t_rm = run(["rm", "--task", "preference", *s], d)
+        t_dpo = run(["dpo", "--task", "preference", "--run.name", "dpo", *s], d)
+        results.append({
+            "nll": first_last(rows, "eval/nll"), "acc": first_last(rows, "eval/exact_match"),
+            "rm_acc": first_last(metrics(tasks / "preference" / "rm"), "eval/accuracy"),
+            "gold_agreement": (None, rm_gold_agreement(tasks / "preference")),
+            "dpo_gold": first_last(metrics(d / "runs" / "dpo"), "eval/reward"),
+            "t_sft": t_sft, "t_rm": t_rm, "t_dpo": t_dpo})
+
+    def cells(key: str) -> str:
+        before = ([r[key][0] for r in results] if results[0][key][0] is not None else None)
+        return (f"{mean_sd(before) if before else ''} | "
+                f"{mean_sd([r[key][1] for r in results])}")
+
+    def wall(key: str) -> str:
+        return f"{sum(r[key] for r in results) / len(results):.0f} s"
+
+    print(f"\nseeds {', '.join(map(str, seeds))}\n")
+    print("| trainer | task | measure | before | after | wall time |")
     print("|---|---|---|---|---|---|")
-    print(f"| SFT | arithmetic | held-out NLL per token | {nll[0]:.3f} | {nll[1]:.3f} | "
-          f"{t_sft:.0f} s |")
-    print(f"| SFT | arithmetic | held-out exact match (greedy, 100 prompts) | {acc[0]:.2f} | "
-          f"{acc[1]:.2f} | |")
-    print(f"| RM | preference | held-out pairwise accuracy (noisy BT labels) | {rm_acc[0]:.3f} |"
-          f" {rm_acc[1]:.3f} | {t_rm:.0f} s |")
-    print(f"| RM | preference | agreement with the gold ordering, held-out pairs | | "
-          f"{gold_agreement:.3f} | |")
+    print(f"| SFT | arithmetic | held-out NLL per token | {cells('nll')} | {wall('t_sft')} |")
+    print(f"| SFT | arithmetic | held-out exact match (greedy, 100 prompts) | {cells('acc')} | |")
+    print(f"| RM | preference | held-out pairwise accuracy (noisy BT labels) | "
+          f"{cells('rm_acc')} | {wall('t_rm')} |")
+    print(f"| RM | preference | agreement with the gold ordering, held-out pairs | "
+          f"{cells('gold_agreement')} | |")
     print(f"| DPO | preference | gold score of sampled responses (64 prompts x 4) | "
-          f"{gold[0]:.2f} | {gold[1]:.2f} | {t_dpo:.0f} s |")
+          f"{cells('dpo_gold')} | {wall('t_dpo')} |", flush=True)
 
 
 def rm_gold_agreement(task_dir: Path) -> float:
@@ -91,75 +117,143 @@ def rm_gold_agreement(task_dir: Path) -> float:
     return sum(agree) / len(agree)
 
 
-def rl(workdir: Path) -> None:
+def mean_sd(values: list[float], fmt: str = ".3f") -> str:
+    import statistics
+
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
+
+
+def sft_stage(workdir: Path, task: str) -> None:
+    """Train the task's SFT stage in `workdir` now, if it is not there yet (the pipeline
+    would otherwise train it inside the first run that needs it)."""
+    code = f"from posttrain import pipeline; pipeline.ensure_sft(pipeline.ensure_task({task!r}))"
+    env = {**os.environ, "POSTTRAIN_TASKS": str(workdir / "runs" / "tasks")}
+    subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, check=True,
+                   capture_output=True)
+
+
+def rl(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
+    """Every preset on `arithmetic`, with the pipeline's defaults, once per seed: each seed
+    writes its own task (data, tiny model, SFT start) and seeds RL with the same number."""
+    runs: dict[str, list[dict]] = {p: [] for p in presets}
+    for seed in seeds:
+        d = seed_dir(workdir, "rl", seed, ("arithmetic",))
+        sft_stage(d, "arithmetic")  # so that no preset's wall time includes it
+        for preset in presets:
+            wall = run(["rl", "--preset", preset, "--task", "arithmetic", "--run.seed",
+                        str(seed), "--run.overwrite", "true"], d)
+            rows = metrics(d / "runs" / f"rl-{preset}")
+            runs[preset].append({"greedy": first_last(rows, "eval/reward"),
+                                 "sampled": first_last(rows, "eval/reward_sampled"),
+                                 "steps": max(r["step"] for r in rows), "wall": wall})
     print("\n| preset | held-out greedy accuracy: start -> end | held-out sampled accuracy: "
-          "start -> end | steps | wall time |")
-    print("|---|---|---|---|---|")
-    for preset in PRESETS:
-        wall = run(["rl", "--preset", preset, "--task", "arithmetic"], workdir)
-        rows = metrics(workdir / "runs" / f"rl-{preset}")
-        g, s = first_last(rows, "eval/reward"), first_last(rows, "eval/reward_sampled")
-        steps = max(r["step"] for r in rows)
-        print(f"| {preset} | {g[0]:.3f} -> {g[1]:.3f} | {s[0]:.3f} -> {s[1]:.3f} | {steps} | "
-              f"{wall:.0f} s |", flush=True)
-    wall = run(["rl", "--preset", "ppo", "--task", "preference", "--run.name", "pref-ppo"],
-               workdir)
-    rows = metrics(workdir / "runs" / "pref-ppo")
-    gold, proxy = first_last(rows, "eval/gold_sampled"), first_last(rows, "eval/reward_sampled")
-    kl = [r["kl/ref_seq"] for r in rows if "kl/ref_seq" in r][-1]
-    print("\n| preset | task | gold reward: start -> end | proxy (RM) reward: start -> end | "
-          "final KL | wall time |")
-    print("|---|---|---|---|---|---|")
-    print(f"| ppo | preference | {gold[0]:.2f} -> {gold[1]:.2f} | {proxy[0]:.2f} -> "
-          f"{proxy[1]:.2f} | {kl:.2f} | {wall:.0f} s |")
+          "start -> end | greedy gain (smallest seed) | steps | wall time | seeds |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, rs in runs.items():
+        cells = []
+        for key in ("greedy", "sampled"):
+            cells.append(f"{mean_sd([r[key][0] for r in rs])} -> "
+                         f"{mean_sd([r[key][1] for r in rs])}")
+        gains = [r["greedy"][1] - r["greedy"][0] for r in rs]
+        wall = sum(r["wall"] for r in rs) / len(rs)
+        print(f"| {preset} | {cells[0]} | {cells[1]} | {mean_sd(gains)} ({min(gains):+.3f}) | "
+              f"{rs[0]['steps']} | {wall:.0f} s | {', '.join(map(str, seeds))} |", flush=True)
 
 
-def value_bias(workdir: Path) -> None:
+def preference_ppo(workdir: Path, seeds: list[int]) -> None:
+    """PPO against the learned reward model on `preference`: gold and proxy, greedy and
+    sampled, once per seed."""
+    results = []
+    for seed in seeds:
+        d = seed_dir(workdir, "preference_ppo", seed, ("preference",))
+        wall = run(["rl", "--preset", "ppo", "--task", "preference", "--run.name", "pref-ppo",
+                    "--run.seed", str(seed), "--run.overwrite", "true"], d)
+        rows = metrics(d / "runs" / "pref-ppo")
+        results.append({key: first_last(rows, key) for key in
+                        ("eval/gold", "eval/gold_sampled", "eval/reward", "eval/reward_sampled")}
+                       | {"kl": [r["kl/ref_seq"] for r in rows if "kl/ref_seq" in r][-1],
+                          "wall": wall})
+    print("\n| ppo on preference | greedy: start -> end | sampled: start -> end |")
+    print("|---|---|---|")
+    for label, key in (("gold reward", "eval/gold"), ("proxy (RM) reward", "eval/reward")):
+        cells = [f"{mean_sd([r[k][0] for r in results])} -> {mean_sd([r[k][1] for r in results])}"
+                 for k in (key, f"{key}_sampled")]
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
+    print(f"\nfinal KL {mean_sd([r['kl'] for r in results])}, wall time "
+          f"{sum(r['wall'] for r in results) / len(results):.0f} s, seeds "
+          f"{', '.join(map(str, seeds))}")
+
+
+def value_bias(workdir: Path, seeds: list[int]) -> None:
     """RM-initialised critic without value pretraining (ppo) vs with it (vc_ppo), both with
-    the same critic start, on arithmetic_cot."""
-    tasks = workdir / "runs" / "tasks"
-    run(["rm", "--task", "arithmetic_cot"], workdir)
-    rm = str(tasks / "arithmetic_cot" / "rm" / "final")
-    common = ["--task", "arithmetic_cot", "--algo.critic_init", "reward_model",
-              "--algo.critic_path", rm, "--run.steps", "100", "--run.eval_every", "50"]
-    run(["rl", "--preset", "ppo", *common, "--algo.kl_placement", "none",
-         "--run.name", "bias-ppo"], workdir)
-    run(["rl", "--preset", "vc_ppo", *common, "--run.name", "bias-vc_ppo"], workdir)
-    print("\n| run | steps | mean advantage at positions 0-4 / 5-14 / 15+ (first 20 steps) | "
-          "response length: first 10 -> last 10 steps | held-out sampled accuracy: start -> "
-          "end |")
+    the same critic start, on arithmetic_cot, once per seed."""
+    results: dict[str, list[dict]] = {"ppo": [], "vc_ppo": []}
+    for seed in seeds:
+        d = seed_dir(workdir, "value_bias", seed, ("arithmetic_cot",))
+        s = ["--run.seed", str(seed)]
+        run(["rm", "--task", "arithmetic_cot", *s], d)
+        rm = str(d / "runs" / "tasks" / "arithmetic_cot" / "rm" / "final")
+        common = ["--task", "arithmetic_cot", "--algo.critic_init", "reward_model",
+                  "--algo.critic_path", rm, "--run.steps", "100", "--run.eval_every", "50",
+                  "--run.overwrite", "true", *s]
+        run(["rl", "--preset", "ppo", *common, "--algo.kl_placement", "none",
+             "--run.name", "bias-ppo"], d)
+        run(["rl", "--preset", "vc_ppo", *common, "--run.name", "bias-vc_ppo"], d)
+        for name in results:
+            run_dir = d / "runs" / f"bias-{name}"
+            pos = [json.loads(line) for line in (run_dir / "advantage_by_position.jsonl").open()]
+            rows = metrics(run_dir)
+            lengths = [r["response/length"] for r in rows if "response/length" in r]
+            results[name].append({
+                "bands": [advantage_band(pos[:20], lo, hi)
+                          for lo, hi in ((0, 5), (5, 15), (15, 10**6))],
+                "length": (sum(lengths[:10]) / 10, sum(lengths[-10:]) / 10),
+                "greedy": first_last(rows, "eval/reward"),
+                "sampled": first_last(rows, "eval/reward_sampled")})
+    print(f"\nseeds {', '.join(map(str, seeds))}\n")
+    print("| run | mean advantage at positions 0-4 / 5-14 / 15+ (first 20 steps) | "
+          "response length: first 10 -> last 10 steps | held-out greedy accuracy: start -> "
+          "end | held-out sampled accuracy: start -> end |")
     print("|---|---|---|---|---|")
-    for name in ("bias-ppo", "bias-vc_ppo"):
-        run_dir = workdir / "runs" / name
-        pos = [json.loads(line) for line in (run_dir / "advantage_by_position.jsonl").open()]
-        early = pos[:20]
+    for name, rs in results.items():
+        bands = " / ".join(mean_sd([r["bands"][i] for r in rs], "+.3f") for i in range(3))
+        cells = [f"{mean_sd([r[k][0] for r in rs], fmt)} -> {mean_sd([r[k][1] for r in rs], fmt)}"
+                 for k, fmt in (("length", ".1f"), ("greedy", ".3f"), ("sampled", ".3f"))]
+        print(f"| {name} | {bands} | {' | '.join(cells)} |", flush=True)
 
-        def band(lo, hi, early=early):
-            vals, weights = 0.0, 0
-            for p in early:
-                for i, (a, n) in enumerate(zip(p["mean_advantage"], p["tokens"], strict=True)):
-                    if lo <= i < hi and n:
-                        vals += a * n
-                        weights += n
-            return vals / max(weights, 1)
 
-        rows = metrics(run_dir)
-        lengths = [r["response/length"] for r in rows if "response/length" in r]
-        s = first_last(rows, "eval/reward_sampled")
-        print(f"| {name[5:]} | {len(pos)} | {band(0, 5):+.3f} / {band(5, 15):+.3f} / "
-              f"{band(15, 10**6):+.3f} | {sum(lengths[:10]) / 10:.1f} -> "
-              f"{sum(lengths[-10:]) / 10:.1f} | {s[0]:.3f} -> {s[1]:.3f} |", flush=True)
+def advantage_band(steps: list[dict], lo: int, hi: int) -> float:
+    """Token-weighted mean advantage at response positions lo..hi-1 over `steps`."""
+    total, weight = 0.0, 0
+    for p in steps:
+        for i, (a, n) in enumerate(zip(p["mean_advantage"], p["tokens"], strict=True)):
+            if lo <= i < hi and n:
+                total += a * n
+                weight += n
+    return total / max(weight, 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sections", nargs="*", default=["trainers", "rl", "value_bias"])
+    sections = {"trainers": trainers, "rl": rl, "preference_ppo": preference_ppo,
+                "value_bias": value_bias}
+    parser.add_argument("sections", nargs="*", default=list(sections), choices=list(sections))
     parser.add_argument("--out", default="/tmp/posttrain-results")
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="comma-separated seeds: each writes its own tasks and runs")
+    parser.add_argument("--presets", default=",".join(PRESETS),
+                        help="comma-separated RL presets of the `rl` section")
     args = parser.parse_args()
+    presets = args.presets.split(",")
+    if unknown := sorted(set(presets) - set(PRESETS)):
+        parser.error(f"--presets: unknown {', '.join(unknown)}; known: {', '.join(PRESETS)}")
+    sections["rl"] = functools.partial(rl, presets=presets)
     workdir = Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
     for section in args.sections:
-        {"trainers": trainers, "rl": rl, "value_bias": value_bias}[section](workdir)
+        sections[section](workdir, seeds)
 
 
 if __name__ == "__main__":

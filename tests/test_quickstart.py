@@ -59,14 +59,13 @@ def test_quickstart_grpo_raises_greedy_and_sampled_arithmetic_accuracy(quickstar
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 15, open: the SFT policy's greedy answer on "
-                   "`preference` is a run of one character (`ffff`), which the reward model "
-                   "never saw in its pairs; PPO lengthens the run (greedy gold 0.66 -> -2.28 "
-                   "while the sampled gold rises 2.74 -> 4.05)")
 def test_quickstart_ppo_raises_the_greedy_gold_reward(quickstart_dir):
+    # The SFT demonstrations use each character at most once, so SFT's greedy answer is a
+    # string of distinct characters like those the reward model was fitted on (not a run of
+    # one character) and PPO can improve it: measured 3.37 -> 7.43 at the default budget.
     gold = [r["eval/gold"] for r in metrics(quickstart_dir / "ppo-preference")
             if "eval/gold" in r]
-    assert gold[-1] > gold[0], gold
+    assert gold[-1] > gold[0] + 1.0, gold
 
 
 @pytest.mark.slow
@@ -97,10 +96,9 @@ def test_healthy_run_raises_no_hacking_alarm(quickstart_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="the quickstart's PPO run evaluates gold reward once "
-                   "after step 0; the reward-hacking and KL monitors need 3 points to judge, "
-                   "so 'no alarm' there says nothing yet (evaluate more often: issue 15)")
 def test_the_healthy_run_gives_the_monitors_enough_to_judge(quickstart_dir):
+    # the reward-hacking and KL monitors need 3 evaluations to judge; before, evaluations off
+    # the log_every grid were dropped and the PPO run kept one after step 0
     rows = metrics(quickstart_dir / "ppo-preference")
     assert len([r for r in rows if "eval/gold_sampled" in r and r["step"] > 0]) >= 3
 

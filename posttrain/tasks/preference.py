@@ -20,14 +20,21 @@ character c in y:
   alphabet: some characters are good, some bad, and the average one slightly good (so longer
   responses tend to score higher, as with human raters). `bonus` rewards using the letters of
   the prompt, so the score depends on the prompt.
-- Inside the range the base sampler covers (lengths 2..8, characters drawn independently, so a
-  character rarely occurs more than `cap` = 3 times), the score is a per-character sum - a
-  tiny reward model learns it from a few thousand pairs.
+- Inside the range the base sampler covers (lengths 2..8, each character at most once), the
+  score is a per-character sum - a tiny reward model learns it from a few thousand pairs.
 - Outside that range the score turns: the fourth and later copies of a character cost
   `overuse` each, and lengths above `max_length` = 12 are penalised quadratically. A learned
   proxy that has only seen "more `e` is better" keeps rewarding `eeeeeeeeeeeeeee`, which the
   gold score punishes: this is what makes over-optimisation visible. No rule of
   `posttrain.rewards` computes this score, so a rule cannot stand in for the reward model.
+
+The base sampler draws a response's characters without replacement (weighted by its own
+probabilities, independent of the gold weights). A model that imitates it answers greedily with
+distinct characters, the kind of response the reward model was fitted on, so RL can raise the
+greedy policy's gold score as well as the sampled one. With characters drawn independently
+(before issue 15) SFT's greedy answer was a run of its most likely character (`ffff`), outside
+everything the reward model had seen, and PPO lengthened the run: greedy gold fell while the
+sampled gold rose.
 
 Preference pairs (`make_preference_pairs`): for each prompt two different responses are drawn
 from a sampler, by default the base sampler the SFT data came from (standing in for the SFT
@@ -230,8 +237,9 @@ class GoldReward:
 @dataclass(frozen=True)
 class BaseSampler:
     """The base distribution of responses, standing in for a model that was never optimised
-    for the gold score: a uniform length, then characters drawn independently from `probs`.
-    It ignores the prompt."""
+    for the gold score: a uniform length, then that many distinct characters, drawn one after
+    another from `probs` renormalised over the characters not yet used. It ignores the
+    prompt."""
 
     probs: dict[str, float]
     min_length: int = 2
@@ -243,6 +251,11 @@ class BaseSampler:
                 f"BaseSampler: need 1 <= min_length <= max_length, got {self.min_length}, "
                 f"{self.max_length}"
             )
+        if self.max_length > len(self.probs):
+            raise ConfigError(
+                f"BaseSampler: max_length={self.max_length} distinct characters need an "
+                f"alphabet that long; it has {len(self.probs)}"
+            )
 
     @classmethod
     def from_seed(cls, seed: int, alphabet: str = ALPHABET, **params: Any) -> BaseSampler:
@@ -251,14 +264,20 @@ class BaseSampler:
         rng = random.Random(f"preference/base/{seed}")
         raw = {c: rng.gammavariate(4.0, 1.0) for c in dict.fromkeys(alphabet)}
         total = sum(raw.values())
+        # distinct characters: a short alphabet shortens the longest response
+        params.setdefault("max_length", min(cls.max_length, len(raw)))
         return cls(probs={c: v / total for c, v in raw.items()}, **params)
 
     def __call__(self, prompt: str, n: int, rng: random.Random) -> list[str]:
-        chars, weights = list(self.probs), list(self.probs.values())
-        return [
-            "".join(rng.choices(chars, weights, k=rng.randint(self.min_length, self.max_length)))
-            for _ in range(n)
-        ]
+        responses = []
+        for _ in range(n):
+            left, chars = dict(self.probs), []
+            for _ in range(rng.randint(self.min_length, self.max_length)):
+                c = rng.choices(list(left), list(left.values()))[0]
+                chars.append(c)
+                del left[c]
+            responses.append("".join(chars))
+        return responses
 
 
 def bradley_terry_label(

@@ -229,6 +229,24 @@ def test_preference_labels_follow_gold_and_noise_lowers_agreement(made):
     assert gold_agreement(scorer, sharp["pref_train"]) > 0.95
 
 
+def test_base_sampler_draws_distinct_characters_by_its_probabilities():
+    sampler = BaseSampler.from_seed(0)
+    responses = sampler("x:", 20000, random.Random(0))
+    assert all(len(set(r)) == len(r) and 2 <= len(r) <= 8 for r in responses)
+    assert {len(r) for r in responses} == set(range(2, 9))
+    # the first character is a plain draw from probs (standard error about 0.003)
+    for c, p in sampler.probs.items():
+        assert abs(sum(r[0] == c for r in responses) / len(responses) - p) < 0.015, c
+    # the second is drawn from the others, renormalised: P(second = c) = sum over first = f
+    # of p_f p_c / (1 - p_f)
+    for c, p in sampler.probs.items():
+        expected = sum(q * p / (1 - q) for f, q in sampler.probs.items() if f != c)
+        assert abs(sum(r[1] == c for r in responses) / len(responses) - expected) < 0.015, c
+    assert max(len(r) for r in BaseSampler.from_seed(0, "abc")("x:", 200, random.Random(0))) == 3
+    with pytest.raises(ConfigError, match="distinct characters"):
+        BaseSampler(probs={"a": 0.5, "b": 0.5}, max_length=3)
+
+
 def test_gold_scorer_json_round_trip(tmp_path, made):
     scorer = GoldScorer.from_seed(3)
     loaded = GoldScorer.from_file(scorer.save(tmp_path / "gold.json"))

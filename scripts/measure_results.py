@@ -1,7 +1,7 @@
 """Reproduce the numbers in docs/results.md.
 
-    .venv/bin/python scripts/measure_results.py [trainers] [rl] [preference_ppo] [value_bias]
-        [--out DIR] [--seeds 0,1,2]
+    .venv/bin/python scripts/measure_results.py [trainers] [rl] [cot] [preference_ppo]
+        [value_bias] [--out DIR] [--seeds 0,1,2] [--presets grpo,ppo,...]
 
 Runs the `posttrain` commands shown in docs/results.md one after another (never in parallel:
 two torch processes on 2 cores slow each other down many times over), reads their
@@ -161,6 +161,66 @@ def rl(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
               f"{rs[0]['steps']} | {wall:.0f} s | {', '.join(map(str, seeds))} |", flush=True)
 
 
+# The claims of issue 15's item 2, each a preset against the same preset with one option
+# changed, on arithmetic_cot's variable-length working: (row name, preset, extra flags).
+COT_VARIANTS = [
+    ("vc_ppo, one λ (0.95 for critic and actor)", "vc_ppo", ["--algo.critic_lam", "0.95"]),
+    ("vapo, fixed λ 0.95", "vapo", ["--algo.lambda_schedule", "fixed", "--algo.lam", "0.95"]),
+    ("dapo, seq-mean-token-mean", "dapo", ["--algo.aggregation", "seq-mean-token-mean"]),
+]
+COT_PAIRS = [("vc_ppo", COT_VARIANTS[0][0]), ("vapo", COT_VARIANTS[1][0]),
+             ("dapo", COT_VARIANTS[2][0]), ("grpo", "dr_grpo")]
+
+
+def cot(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
+    """Every preset on `arithmetic_cot` with the pipeline's defaults, and the item-2 variants
+    (COT_VARIANTS), once per seed; prints the preset table and the claims' table."""
+    names = [*presets, *(v[0] for v in COT_VARIANTS)]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for seed in seeds:
+        d = seed_dir(workdir, "cot", seed, ("arithmetic_cot",))
+        sft_stage(d, "arithmetic_cot")  # so that no preset's wall time includes it
+        jobs = [(p, p, []) for p in presets] + [v for v in COT_VARIANTS]
+        for i, (name, preset, extra) in enumerate(jobs):
+            wall = run(["rl", "--preset", preset, "--task", "arithmetic_cot", "--run.seed",
+                        str(seed), "--run.overwrite", "true", "--run.name", f"cot-{i}", *extra],
+                       d)
+            rows = metrics(d / "runs" / f"cot-{i}")
+            length = [r["response/length"] for r in rows if "response/length" in r]
+            wrong = [r["response/length_wrong"] for r in rows if "response/length_wrong" in r]
+            runs[name].append({
+                "greedy": first_last(rows, "eval/reward"),
+                "sampled": first_last(rows, "eval/reward_sampled"),
+                "length": (sum(length[:10]) / 10, sum(length[-10:]) / 10),
+                # wrong answers grow rare: the first and last ten steps that had some
+                "wrong": ((sum(wrong[:10]) / len(wrong[:10]), sum(wrong[-10:]) / len(wrong[-10:]))
+                          if wrong else (float("nan"), float("nan"))),
+                "steps": max(r["step"] for r in rows), "wall": wall})
+    print("\n| preset | held-out greedy accuracy: start -> end | held-out sampled accuracy: "
+          "start -> end | greedy gain (smallest seed) | steps | wall time | seeds |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        rs = runs[name]
+        cells = [f"{mean_sd([r[k][0] for r in rs])} -> {mean_sd([r[k][1] for r in rs])}"
+                 for k in ("greedy", "sampled")]
+        gains = [r["greedy"][1] - r["greedy"][0] for r in rs]
+        wall = sum(r["wall"] for r in rs) / len(rs)
+        print(f"| {name} | {cells[0]} | {cells[1]} | {mean_sd(gains)} ({min(gains):+.3f}) | "
+              f"{rs[0]['steps']} | {wall:.0f} s | {', '.join(map(str, seeds))} |", flush=True)
+    print("\n| run | held-out greedy accuracy at the end | sampled at the end | response length: "
+          "first 10 -> last 10 steps | length of wrong answers: first 10 -> last 10 steps |")
+    print("|---|---|---|---|---|")
+    for pair in COT_PAIRS:
+        for name in pair:
+            rs = runs.get(name)
+            if not rs:
+                continue
+            cells = [mean_sd([r["greedy"][1] for r in rs]), mean_sd([r["sampled"][1] for r in rs])]
+            cells += [f"{mean_sd([r[k][0] for r in rs], '.1f')} -> "
+                      f"{mean_sd([r[k][1] for r in rs], '.1f')}" for k in ("length", "wrong")]
+            print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
 def preference_ppo(workdir: Path, seeds: list[int]) -> None:
     """PPO against the learned reward model on `preference`: gold and proxy, greedy and
     sampled, once per seed."""
@@ -190,7 +250,7 @@ def value_bias(workdir: Path, seeds: list[int]) -> None:
     the same critic start, on arithmetic_cot, once per seed."""
     results: dict[str, list[dict]] = {"ppo": [], "vc_ppo": []}
     for seed in seeds:
-        d = seed_dir(workdir, "value_bias", seed, ("arithmetic_cot",))
+        d = seed_dir(workdir, "cot", seed, ("arithmetic_cot",))  # the cot section's SFT start
         s = ["--run.seed", str(seed)]
         run(["rm", "--task", "arithmetic_cot", *s], d)
         rm = str(d / "runs" / "tasks" / "arithmetic_cot" / "rm" / "final")
@@ -236,19 +296,20 @@ def advantage_band(steps: list[dict], lo: int, hi: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sections = {"trainers": trainers, "rl": rl, "preference_ppo": preference_ppo,
+    sections = {"trainers": trainers, "rl": rl, "cot": cot, "preference_ppo": preference_ppo,
                 "value_bias": value_bias}
     parser.add_argument("sections", nargs="*", default=list(sections), choices=list(sections))
     parser.add_argument("--out", default="/tmp/posttrain-results")
     parser.add_argument("--seeds", default="0,1,2",
                         help="comma-separated seeds: each writes its own tasks and runs")
     parser.add_argument("--presets", default=",".join(PRESETS),
-                        help="comma-separated RL presets of the `rl` section")
+                        help="comma-separated RL presets of the `rl` and `cot` sections")
     args = parser.parse_args()
     presets = args.presets.split(",")
     if unknown := sorted(set(presets) - set(PRESETS)):
         parser.error(f"--presets: unknown {', '.join(unknown)}; known: {', '.join(PRESETS)}")
     sections["rl"] = functools.partial(rl, presets=presets)
+    sections["cot"] = functools.partial(cot, presets=presets)
     workdir = Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -52,9 +52,13 @@ extracted with `ANSWER_PATTERN` (`#(-?\\d+)`); `check_cot` checks the whole work
 have 1 to 3 digits (the digit count drawn uniformly), so a response has 1 to 3 steps: from
 `0+0=0;#0` (8 characters) to `9+9+1=19;9+9+1=19;9+9=18;#1998` (32).
 
-A wrong CoT demonstration makes one slip: one column sum off by one (never out of 0..19),
-with the rest of the working carried on consistently from the slip, so the answer is off by
-±1, ±10 or ±100 - the kind of mistake the working makes visible.
+The CoT demonstrator is weak in the same way as the bare one: in 70% of the sums whose working
+takes a carry it forgets every carry (`347+85=` -> `7+5=12;4+8=12;3+0=3;#322`), and a tenth of
+the other demonstrations make one slip: one column sum off by one (never out of 0..19), with the
+rest of the working carried on consistently from the slip, so the answer is off by ±1, ±10 or
+±100. After SFT (1,500 steps) the greedy working forgets the carries on held-out prompts too
+(greedy accuracy 0.50, seed 0: right on the carry-free half); RL fixes it, and the right
+working is two characters longer a carry, so the response length can move.
 """
 
 from __future__ import annotations
@@ -126,14 +130,22 @@ class ArithmeticCotConfig:
     """Distinct training prompts (SFT and RL share them)."""
     n_eval: int = 200
     """Distinct held-out prompts."""
-    wrong_fraction: float = 0.2
-    """Share of the SFT training demonstrations with one slip in the working (exactly rounded)."""
+    carry_slip_fraction: float = 0.7
+    """Share of the SFT training demonstrations with a carry in which the demonstrator
+    forgets every carry: no `+1` is written and each column sum leaves it out
+    (`7+5=12;4+8=12;3+0=3;#322` for 347+85), exactly rounded. A systematic mistake SFT learns
+    as the most likely working, which only a reward for the true sum teaches away; the right
+    working is longer by two characters a carry, so the response length can move."""
+    wrong_fraction: float = 0.1
+    """Share of the other SFT training demonstrations with one slip in the working (exactly
+    rounded)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 6:
             raise ConfigError(f"max_digits={self.max_digits}: must be between 1 and 6")
         if self.n_train < 1 or self.n_eval < 1:
             raise ConfigError(f"n_train={self.n_train}, n_eval={self.n_eval}: must be >= 1")
+        _check_fraction("carry_slip_fraction", self.carry_slip_fraction)
         _check_fraction("wrong_fraction", self.wrong_fraction)
         n_pairs = (10**self.max_digits) ** 2
         if self.n_train + self.n_eval > n_pairs // 2:
@@ -204,9 +216,10 @@ def build_arithmetic(seed: int, config: ArithmeticConfig) -> dict[str, list[dict
 # Chain of thought
 
 
-def cot_steps(a: int, b: int) -> list[tuple[int, int, int, int]]:
+def cot_steps(a: int, b: int, forget_carries: bool = False) -> list[tuple[int, int, int, int]]:
     """The columns of `a + b`, least significant first, as (digit of a, digit of b, carry in,
-    column sum)."""
+    column sum); with `forget_carries`, the working of a demonstrator who never carries
+    (every carry in 0, each sum the two digits')."""
     if a < 0 or b < 0:
         raise ConfigError(f"cot_steps({a}, {b}): operands must be non-negative")
     da, db = str(a)[::-1], str(b)[::-1]
@@ -216,8 +229,20 @@ def cot_steps(a: int, b: int) -> list[tuple[int, int, int, int]]:
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
         steps.append((x, y, carry, s))
-        carry = s // 10
+        carry = 0 if forget_carries else s // 10
     return steps
+
+
+def cot_has_carry(a: int, b: int) -> bool:
+    """True when a column of the working of `a + b` takes a carry in (a `+1` step)."""
+    return any(c for _, _, c, _ in cot_steps(a, b))
+
+
+def cot_completion_forgetting_carries(a: int, b: int) -> str:
+    """The working of a demonstrator who forgets every carry, e.g. `7+5=12;4+8=12;3+0=3;#322`
+    for 347+85 (the last column's own overflow is kept: `9+9=18;#18`)."""
+    steps = cot_steps(a, b, forget_carries=True)
+    return f"{_render_steps(steps)}#{_value_of_steps(steps)}"
 
 
 def _render_steps(steps: list[tuple[int, int, int, int]]) -> str:
@@ -295,10 +320,15 @@ def build_arithmetic_cot(
             seen.add(pair)
             pairs.append(pair)
     eval_pairs, train_pairs = pairs[: config.n_eval], pairs[config.n_eval :]
-    wrong = _wrong_indices(len(train_pairs), config.wrong_fraction, rng)
+    carries = [i for i, (a, b) in enumerate(train_pairs) if cot_has_carry(a, b)]
+    slips = {carries[j] for j in _wrong_indices(len(carries), config.carry_slip_fraction, rng)}
+    others = [i for i in range(len(train_pairs)) if i not in slips]
+    wrong = {others[j] for j in _wrong_indices(len(others), config.wrong_fraction, rng)}
     sft_train = []
     for i, (a, b) in enumerate(train_pairs):
-        completion = cot_completion_with_slip(a, b, rng) if i in wrong else cot_completion(a, b)
+        completion = (cot_completion_forgetting_carries(a, b) if i in slips
+                      else cot_completion_with_slip(a, b, rng) if i in wrong
+                      else cot_completion(a, b))
         sft_train.append({"prompt": _prompt(a, b), "completion": completion})
     return {
         "sft_train": sft_train,

@@ -938,6 +938,13 @@ class RLTrainer(Trainer):
             "response/truncated": float(exp.truncated.float().mean()),
             "adv/mean": float(masked_mean(exp.advantages, mask)),
         }
+        scores, lengths = exp.scores, exp.response_lengths.float()
+        if bool(((scores == 0) | (scores == 1)).all()):
+            # A 0/1 verifiable reward: the length of right and of wrong answers apart (Dr. GRPO's
+            # claim is about the wrong ones, which GRPO's per-response length norm lets grow).
+            for name, pick in (("correct", scores == 1), ("wrong", scores == 0)):
+                if pick.any():
+                    out[f"response/length_{name}"] = float(lengths[pick].mean())
         if exp.ref_logp is not None:
             # k1 (log π/π_ref summed over the response) is the unbiased estimate the KL
             # controller reads; a batch can make it negative. k3 is never negative: the one

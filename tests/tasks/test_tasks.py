@@ -21,7 +21,9 @@ from posttrain.tasks.arithmetic import (
     carry_free_sum,
     check_cot,
     cot_completion,
+    cot_completion_forgetting_carries,
     cot_completion_with_slip,
+    cot_has_carry,
     extract_answer,
     has_carry,
     parse_cot,
@@ -181,6 +183,19 @@ def test_cot_format_by_hand():
     assert not check_cot("347+85=", "7+5=12;4+8=12;3+0=3;#322")
 
 
+def test_cot_forgetting_carries_by_hand():
+    # 347 + 85 without carrying: 7+5 = 12, then 4+8 = 12 and 3+0 = 3 (no +1): 3, 2, 2.
+    assert cot_completion_forgetting_carries(347, 85) == "7+5=12;4+8=12;3+0=3;#322"
+    # the last column's own overflow is written, as in the right working
+    assert cot_completion_forgetting_carries(9, 9) == "9+9=18;#18"
+    assert cot_completion_forgetting_carries(99, 1) == "9+1=10;9+0=9;#90"
+    assert cot_completion_forgetting_carries(40, 9) == cot_completion(40, 9)
+    assert cot_has_carry(347, 85) and cot_has_carry(99, 1)
+    assert not cot_has_carry(9, 9) and not cot_has_carry(40, 9)
+    # the right working is two characters longer a carry
+    assert len(cot_completion(347, 85)) - len(cot_completion_forgetting_carries(347, 85)) == 4
+
+
 def test_cot_slip_is_one_consistent_mistake():
     rng = random.Random(0)
     for a, b in [(347, 85), (0, 0), (999, 999), (5, 4), (90, 19)]:
@@ -199,8 +214,16 @@ def test_cot_answers_parse_and_lengths_vary(made):
     for r in data["rl_eval"] + data["rl_train"]:
         assert r["answer"] == str(sum_of(r["prompt"]))
     train = data["sft_train"]
-    wrong = [r for r in train if extract_answer(r["completion"]) != str(sum_of(r["prompt"]))]
-    assert len(wrong) == round(0.2 * len(train))
+    pairs = [tuple(map(int, r["prompt"][:-1].split("+"))) for r in train]
+    carries = [i for i, pair in enumerate(pairs) if cot_has_carry(*pair)]
+    forgot = [i for i, r in enumerate(train)
+              if r["completion"] == cot_completion_forgetting_carries(*pairs[i])
+              and cot_has_carry(*pairs[i])]
+    # 70% of the sums with a carry forget every carry; a tenth of the others have one slip
+    assert set(forgot) <= set(carries) and len(forgot) == round(0.7 * len(carries))
+    slipped = [i for i, r in enumerate(train) if i not in forgot
+               and extract_answer(r["completion"]) != str(sum_of(r["prompt"]))]
+    assert len(slipped) == round(0.1 * (len(train) - len(forgot)))
     assert all(parse_cot(r["completion"]) is not None for r in train)
     lengths = [len(r["completion"]) for r in train]
     ratio = max(lengths) / min(lengths)

@@ -90,6 +90,28 @@ def test_one_update_moves_positive_advantage_tokens_up_and_negative_down(grpo_tr
     assert after[1, 0] < before[1, 0]
 
 
+def test_right_and_wrong_answers_have_their_own_length_metric(grpo_trainer):
+    t, tok = grpo_trainer, grpo_trainer.tokenizer
+    prompt, eos = tok("1+2=").input_ids, tok.eos_token_id
+    # responses of 2, 3 and 4 tokens ("3", "33", "333" then EOS), padded with EOS to 4
+    rows = [prompt + tok("3" * n, add_special_tokens=False).input_ids + [eos] * (4 - n)
+            for n in (1, 2, 3)]
+    mask = torch.tensor([[j < n + 1 for j in range(4)] for n in (1, 2, 3)])
+    att = torch.cat([torch.ones(3, len(prompt), dtype=torch.bool), mask], dim=1)
+    exp = Experience(input_ids=torch.tensor(rows), attention_mask=att, response_mask=mask,
+                     group_ids=torch.zeros(3, dtype=torch.long),
+                     truncated=torch.zeros(3, dtype=torch.bool), prompts=("1+2=",) * 3,
+                     texts=("3", "33", "333"), scores=torch.tensor([1.0, 0.0, 0.0]))
+    exp = t.score(exp).replace(advantages=torch.zeros(3, 4))
+    t.run_dir.mkdir(parents=True, exist_ok=True)  # the metrics also log advantages by position
+    out = t.rollout_metrics(exp)
+    assert out["response/length"] == 3.0
+    assert out["response/length_correct"] == 2.0 and out["response/length_wrong"] == 3.5
+    # a reward that is not 0/1 has no right or wrong: neither is logged
+    out = t.rollout_metrics(exp.replace(scores=torch.tensor([1.0, 0.5, 0.0])))
+    assert "response/length_correct" not in out and "response/length_wrong" not in out
+
+
 def test_shape_puts_kl_in_the_reward_and_penalises_overlong(grpo_trainer):
     t = grpo_trainer
     exp = hand_experience(t, [0.0, 0.0])

@@ -1,7 +1,7 @@
 """Reproduce the numbers in docs/results.md.
 
     .venv/bin/python scripts/measure_results.py [trainers] [rl] [cot] [preference_ppo]
-        [value_bias] [--out DIR] [--seeds 0,1,2] [--presets grpo,ppo,...]
+        [value_bias] [cot_plots] [kl_sweep] [--out DIR] [--seeds 0,1,2] [--presets grpo,...]
 
 Runs the `posttrain` commands shown in docs/results.md one after another (never in parallel:
 two torch processes on 2 cores slow each other down many times over), reads their
@@ -172,16 +172,28 @@ COT_PAIRS = [("vc_ppo", COT_VARIANTS[0][0]), ("vapo", COT_VARIANTS[1][0]),
              ("dapo", COT_VARIANTS[2][0]), ("grpo", "dr_grpo")]
 
 
+def cot_jobs(presets: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(row name, preset, extra flags) of the `cot` runs for these presets: each preset, and
+    each variant whose preset is among them."""
+    return [(p, p, []) for p in presets] + [v for v in COT_VARIANTS if v[1] in presets]
+
+
+def cot_run_index(name: str) -> int:
+    """The run directory number of a `cot` row (cot-N), the same whichever presets run."""
+    return [*PRESETS, *(v[0] for v in COT_VARIANTS)].index(name)
+
+
 def cot(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
     """Every preset on `arithmetic_cot` with the pipeline's defaults, and the item-2 variants
     (COT_VARIANTS), once per seed; prints the preset table and the claims' table."""
-    names = [*presets, *(v[0] for v in COT_VARIANTS)]
+    jobs = cot_jobs(presets)
+    names = [name for name, _, _ in jobs]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for seed in seeds:
         d = seed_dir(workdir, "cot", seed, ("arithmetic_cot",))
         sft_stage(d, "arithmetic_cot")  # so that no preset's wall time includes it
-        jobs = [(p, p, []) for p in presets] + [v for v in COT_VARIANTS]
-        for i, (name, preset, extra) in enumerate(jobs):
+        for name, preset, extra in jobs:
+            i = cot_run_index(name)
             wall = run(["rl", "--preset", preset, "--task", "arithmetic_cot", "--run.seed",
                         str(seed), "--run.overwrite", "true", "--run.name", f"cot-{i}", *extra],
                        d)
@@ -219,6 +231,156 @@ def cot(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
             cells += [f"{mean_sd([r[k][0] for r in rs], '.1f')} -> "
                       f"{mean_sd([r[k][1] for r in rs], '.1f')}" for k in ("length", "wrong")]
             print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
+def mean_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float]]:
+    """Steps and the mean over runs of `key` at each step some run logged it."""
+    by_step: dict[int, list[float]] = {}
+    for rows in runs:
+        for r in rows:
+            if key in r:
+                by_step.setdefault(r["step"], []).append(r[key])
+    steps = sorted(by_step)
+    return steps, [sum(by_step[t]) / len(by_step[t]) for t in steps]
+
+
+def cot_plots(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
+    """Plots of the `cot` and `value_bias` runs already in `workdir` (read, not rerun):
+    workdir/plots/cot_accuracy.png, cot_claims.png and value_bias.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = workdir / "plots"
+    out.mkdir(exist_ok=True)
+    names = [name for name, _, _ in cot_jobs(presets)]
+
+    def runs_of(name: str) -> list[list[dict]]:
+        i = cot_run_index(name)
+        return [metrics(workdir / "cot" / f"seed{s}" / "runs" / f"cot-{i}") for s in seeds]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name in presets:
+        for ax, key in zip(axes, ("eval/reward", "eval/reward_sampled"), strict=True):
+            ax.plot(*mean_curve(runs_of(name), key), marker="o", markersize=3, label=name)
+    for ax, what in zip(axes, ("greedy", "sampled"), strict=True):
+        ax.set_title(f"arithmetic_cot: held-out {what} accuracy (mean of seeds "
+                     f"{', '.join(map(str, seeds))})", fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.savefig(out / "cot_accuracy.png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(COT_PAIRS), figsize=(4 * len(COT_PAIRS), 3.4))
+    for ax, pair in zip(axes, COT_PAIRS, strict=True):
+        key = "response/length_wrong" if pair == ("grpo", "dr_grpo") else "response/length"
+        for name in pair:
+            if name in names:
+                ax.plot(*mean_curve(runs_of(name), key), label=name)
+        ax.set_title(key.replace("response/", "").replace("_", " of ") + " answers"
+                     if "wrong" in key else "response length", fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(out / "cot_claims.png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for name in ("ppo", "vc_ppo"):
+        dirs = [workdir / "cot" / f"seed{s}" / "runs" / f"bias-{name}" for s in seeds]
+        if not all((d / "metrics.jsonl").exists() for d in dirs):
+            continue
+        pos = [json.loads(line) for d in dirs
+               for line in list((d / "advantage_by_position.jsonl").open())[:20]]
+        width = max(len(p["mean_advantage"]) for p in pos)
+        axes[0].plot(range(width), [advantage_band(pos, i, i + 1) for i in range(width)],
+                     label=name)
+        axes[1].plot(*mean_curve([metrics(d) for d in dirs], "response/length"), label=name)
+    axes[0].axhline(0, color="grey", lw=0.8)
+    axes[0].set_title("mean advantage by response position, first 20 steps", fontsize=9)
+    axes[0].set_xlabel("response token position")
+    axes[1].set_title("response length", fontsize=9)
+    axes[1].set_xlabel("RL step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(out / "value_bias.png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plots in {out}/", flush=True)
+
+
+KL_COEFS = (0.0, 0.01, 0.05, 0.2)
+
+
+def kl_sweep(workdir: Path, seeds: list[int]) -> None:
+    """PPO on `preference` for 300 steps at fixed KL coefficients (0 = no KL): gold and proxy
+    against the KL to the SFT policy at each evaluation (Gao et al.'s curve in miniature);
+    table and workdir/plots/kl_sweep.png."""
+    results: dict[float, list[list[dict]]] = {c: [] for c in KL_COEFS}
+    walls: dict[float, list[float]] = {c: [] for c in KL_COEFS}
+    for seed in seeds:
+        d = seed_dir(workdir, "preference_ppo", seed, ("preference",))
+        for coef in KL_COEFS:
+            kl = (["--algo.kl_placement", "none"] if coef == 0 else
+                  ["--algo.kl_controller", "fixed", "--algo.kl_coef", str(coef)])
+            name = f"kl-{coef}"
+            walls[coef].append(run(["rl", "--preset", "ppo", "--task", "preference", *kl,
+                                    "--run.steps", "300", "--run.eval_every", "25",
+                                    "--run.name", name, "--run.seed", str(seed),
+                                    "--run.overwrite", "true"], d))
+            results[coef].append(metrics(d / "runs" / name))
+
+    def at_evals(rows: list[dict]) -> list[tuple[float, dict]]:
+        # the KL of the training batch at (or just before) each evaluation's step
+        kl, out = 0.0, []
+        for r in rows:
+            kl = r.get("kl/ref_seq", kl)
+            if "eval/gold" in r:
+                out.append((kl, r))
+        return out
+
+    print("\n| KL coefficient | final KL | gold, greedy: start -> peak -> end | gold, sampled: "
+          "start -> peak -> end | proxy, sampled: start -> end | wall time |")
+    print("|---|---|---|---|---|---|")
+    for coef, runs in results.items():
+        evals = [at_evals(rows) for rows in runs]
+        cells = [mean_sd([e[-1][0] for e in evals], ".2f")]
+        for key in ("eval/gold", "eval/gold_sampled"):
+            first = [e[0][1][key] for e in evals]
+            peak = [max(r[key] for _, r in e) for e in evals]
+            last = [e[-1][1][key] for e in evals]
+            cells.append(f"{mean_sd(first)} -> {mean_sd(peak)} -> {mean_sd(last)}")
+        cells.append(f"{mean_sd([e[0][1]['eval/reward_sampled'] for e in evals])} -> "
+                     f"{mean_sd([e[-1][1]['eval/reward_sampled'] for e in evals])}")
+        cells.append(f"{sum(walls[coef]) / len(walls[coef]):.0f} s")
+        print(f"| {coef:g} | {' | '.join(cells)} |", flush=True)
+    print(f"\nseeds {', '.join(map(str, seeds))}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for coef, runs in results.items():
+        for ax, key in zip(axes, ("eval/gold_sampled", "eval/reward_sampled"), strict=True):
+            xs, ys = [], []
+            for rows in runs:
+                for kl, r in at_evals(rows):
+                    xs.append(max(kl, 0.0) ** 0.5)
+                    ys.append(r[key])
+            ax.scatter(xs, ys, s=10, label=f"KL coef {coef:g}")
+    for ax, what in zip(axes, ("gold (hidden scorer)", "proxy (reward model)"), strict=True):
+        ax.set_title(f"PPO on preference: sampled {what} against sqrt KL, every evaluation "
+                     f"of seeds {', '.join(map(str, seeds))}", fontsize=8)
+        ax.set_xlabel("sqrt(KL to the SFT policy)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    (workdir / "plots").mkdir(exist_ok=True)
+    fig.savefig(workdir / "plots" / "kl_sweep.png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
 
 
 def preference_ppo(workdir: Path, seeds: list[int]) -> None:
@@ -297,7 +459,7 @@ def advantage_band(steps: list[dict], lo: int, hi: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = {"trainers": trainers, "rl": rl, "cot": cot, "preference_ppo": preference_ppo,
-                "value_bias": value_bias}
+                "value_bias": value_bias, "cot_plots": cot_plots, "kl_sweep": kl_sweep}
     parser.add_argument("sections", nargs="*", default=list(sections), choices=list(sections))
     parser.add_argument("--out", default="/tmp/posttrain-results")
     parser.add_argument("--seeds", default="0,1,2",
@@ -310,6 +472,7 @@ def main() -> None:
         parser.error(f"--presets: unknown {', '.join(unknown)}; known: {', '.join(PRESETS)}")
     sections["rl"] = functools.partial(rl, presets=presets)
     sections["cot"] = functools.partial(cot, presets=presets)
+    sections["cot_plots"] = functools.partial(cot_plots, presets=presets)
     workdir = Path(args.out)
     workdir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -13,8 +13,8 @@ Files written (JSONL, one record a line, in the public formats of `posttrain.dat
 | `sft_eval.jsonl` | `completion` | prompt, completion      | held-out demonstrations, all right|
 | `rl_train.jsonl` | `prompt`     | prompt, answer          | training prompts, the true sum    |
 | `rl_eval.jsonl`  | `prompt`     | prompt, answer          | held-out prompts, the true sum    |
-| `ptx_train.jsonl`| `completion` | prompt, completion      | `arithmetic` only: the right      |
-|                  |              |                         | demonstrations without a carry    |
+| `ptx_train.jsonl`| `completion` | prompt, completion      | the right demonstrations without  |
+|                  |              |                         | a carry                           |
 
 Held-out operand pairs never appear in a training file (`a+b` and `b+a` count as different
 prompts; only the exact pair is held out). The SFT and RL training files share their prompts:
@@ -330,8 +330,13 @@ def build_arithmetic_cot(
                       else cot_completion_with_slip(a, b, rng) if i in wrong
                       else cot_completion(a, b))
         sft_train.append({"prompt": _prompt(a, b), "completion": completion})
+    # PPO-ptx's stand-in for pretraining text, as in `arithmetic`: the right workings without a
+    # carry (ptx on sft_train would pull the policy back to forgetting the carries)
+    ptx_train = [record for (a, b), record in zip(train_pairs, sft_train, strict=True)
+                 if not cot_has_carry(a, b) and record["completion"] == cot_completion(a, b)]
     return {
         "sft_train": sft_train,
+        "ptx_train": ptx_train,
         "sft_eval": [
             {"prompt": _prompt(a, b), "completion": cot_completion(a, b)} for a, b in eval_pairs
         ],

@@ -178,9 +178,9 @@ register_task(Task(
 register_task(Task(
     name="arithmetic_cot",
     description="a+b= with 1-3 digit operands answered by column-by-column working, then "
-    "#answer (responses vary ~4x in length)",
+    "#answer (responses vary ~4x in length); the SFT demonstrator forgets 70% of carries",
     config_cls=arithmetic.ArithmeticCotConfig,
-    files={**_ARITHMETIC_FILES, "pref_train": "preference", "pref_eval": "preference"},
+    files={**_SUM_FILES, "pref_train": "preference", "pref_eval": "preference"},
     reward={"name": "exact_match", "column": "answer", "extract": arithmetic.ANSWER_PATTERN},
     build=_build_arithmetic_cot,
 ))

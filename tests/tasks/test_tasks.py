@@ -82,7 +82,7 @@ def test_files_exist_and_validate(made, name):
                 "rl_eval": "prompt"}
     if name in ("preference", "arithmetic_cot"):
         expected |= {"pref_train": "preference", "pref_eval": "preference"}
-    if name == "arithmetic":
+    if name in ("arithmetic", "arithmetic_cot"):
         expected |= {"ptx_train": "completion"}
     assert {s: f["kind"] for s, f in info["files"].items()} == expected
 
@@ -225,6 +225,11 @@ def test_cot_answers_parse_and_lengths_vary(made):
                and extract_answer(r["completion"]) != str(sum_of(r["prompt"]))]
     assert len(slipped) == round(0.1 * (len(train) - len(forgot)))
     assert all(parse_cot(r["completion"]) is not None for r in train)
+    # ptx text: exactly the right workings without a carry, in training order
+    assert data["ptx_train"] == [r for pair, r in zip(pairs, train, strict=True)
+                                 if not cot_has_carry(*pair)
+                                 and r["completion"] == cot_completion(*pair)]
+    assert len(data["ptx_train"]) > 0.4 * len(train)
     lengths = [len(r["completion"]) for r in train]
     ratio = max(lengths) / min(lengths)
     print(f"arithmetic_cot completion lengths: {min(lengths)}..{max(lengths)} ({ratio:.1f}x)")

@@ -37,6 +37,30 @@ def run(args: list[str], workdir: Path, progress: bool = True) -> float:
     return time.time() - start
 
 
+REUSE = False
+"""--reuse: a `cot` or `value_bias` run already finished in --out is read, not run again."""
+
+
+def run_once(args: list[str], workdir: Path, name: str) -> float | None:
+    """`run` unless --reuse and workdir/runs/NAME finished before (then None: no wall time)."""
+    if REUSE and (workdir / "runs" / name / "final").exists():
+        return None
+    return run(args, workdir)
+
+
+def ends(values: list[float], k: int = 3) -> tuple[float, float]:
+    """The mean of the first k and of the last k values (a metric logged every 10 steps: a
+    150-step run's steps 10-30 and 130-150)."""
+    if not values:
+        return float("nan"), float("nan")
+    return sum(values[:k]) / len(values[:k]), sum(values[-k:]) / len(values[-k:])
+
+
+def mean_wall(walls: list[float | None]) -> str:
+    known = [w for w in walls if w is not None]
+    return f"{sum(known) / len(known):.0f} s" if known else "(reused)"
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
 
@@ -194,19 +218,16 @@ def cot(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
         sft_stage(d, "arithmetic_cot")  # so that no preset's wall time includes it
         for name, preset, extra in jobs:
             i = cot_run_index(name)
-            wall = run(["rl", "--preset", preset, "--task", "arithmetic_cot", "--run.seed",
-                        str(seed), "--run.overwrite", "true", "--run.name", f"cot-{i}", *extra],
-                       d)
+            wall = run_once(["rl", "--preset", preset, "--task", "arithmetic_cot", "--run.seed",
+                             str(seed), "--run.overwrite", "true", "--run.name", f"cot-{i}",
+                             *extra], d, f"cot-{i}")
             rows = metrics(d / "runs" / f"cot-{i}")
             length = [r["response/length"] for r in rows if "response/length" in r]
             wrong = [r["response/length_wrong"] for r in rows if "response/length_wrong" in r]
             runs[name].append({
                 "greedy": first_last(rows, "eval/reward"),
                 "sampled": first_last(rows, "eval/reward_sampled"),
-                "length": (sum(length[:10]) / 10, sum(length[-10:]) / 10),
-                # wrong answers grow rare: the first and last ten steps that had some
-                "wrong": ((sum(wrong[:10]) / len(wrong[:10]), sum(wrong[-10:]) / len(wrong[-10:]))
-                          if wrong else (float("nan"), float("nan"))),
+                "length": ends(length), "wrong": ends(wrong),
                 "steps": max(r["step"] for r in rows), "wall": wall})
     print("\n| preset | held-out greedy accuracy: start -> end | held-out sampled accuracy: "
           "start -> end | greedy gain (smallest seed) | steps | wall time | seeds |")
@@ -216,11 +237,12 @@ def cot(workdir: Path, seeds: list[int], presets: list[str] = PRESETS) -> None:
         cells = [f"{mean_sd([r[k][0] for r in rs])} -> {mean_sd([r[k][1] for r in rs])}"
                  for k in ("greedy", "sampled")]
         gains = [r["greedy"][1] - r["greedy"][0] for r in rs]
-        wall = sum(r["wall"] for r in rs) / len(rs)
         print(f"| {name} | {cells[0]} | {cells[1]} | {mean_sd(gains)} ({min(gains):+.3f}) | "
-              f"{rs[0]['steps']} | {wall:.0f} s | {', '.join(map(str, seeds))} |", flush=True)
+              f"{rs[0]['steps']} | {mean_wall([r['wall'] for r in rs])} | "
+              f"{', '.join(map(str, seeds))} |", flush=True)
     print("\n| run | held-out greedy accuracy at the end | sampled at the end | response length: "
-          "first 10 -> last 10 steps | length of wrong answers: first 10 -> last 10 steps |")
+          "first 3 -> last 3 logged steps | length of wrong answers: first 3 -> last 3 logged "
+          "steps |")
     print("|---|---|---|---|---|")
     for pair in COT_PAIRS:
         for name in pair:
@@ -414,14 +436,15 @@ def value_bias(workdir: Path, seeds: list[int]) -> None:
     for seed in seeds:
         d = seed_dir(workdir, "cot", seed, ("arithmetic_cot",))  # the cot section's SFT start
         s = ["--run.seed", str(seed)]
-        run(["rm", "--task", "arithmetic_cot", *s], d)
+        run_once(["rm", "--task", "arithmetic_cot", *s], d, "tasks/arithmetic_cot/rm")
         rm = str(d / "runs" / "tasks" / "arithmetic_cot" / "rm" / "final")
         common = ["--task", "arithmetic_cot", "--algo.critic_init", "reward_model",
                   "--algo.critic_path", rm, "--run.steps", "100", "--run.eval_every", "50",
                   "--run.overwrite", "true", *s]
-        run(["rl", "--preset", "ppo", *common, "--algo.kl_placement", "none",
-             "--run.name", "bias-ppo"], d)
-        run(["rl", "--preset", "vc_ppo", *common, "--run.name", "bias-vc_ppo"], d)
+        run_once(["rl", "--preset", "ppo", *common, "--algo.kl_placement", "none",
+                  "--run.name", "bias-ppo"], d, "bias-ppo")
+        run_once(["rl", "--preset", "vc_ppo", *common, "--run.name", "bias-vc_ppo"], d,
+                 "bias-vc_ppo")
         for name in results:
             run_dir = d / "runs" / f"bias-{name}"
             pos = [json.loads(line) for line in (run_dir / "advantage_by_position.jsonl").open()]
@@ -430,12 +453,12 @@ def value_bias(workdir: Path, seeds: list[int]) -> None:
             results[name].append({
                 "bands": [advantage_band(pos[:20], lo, hi)
                           for lo, hi in ((0, 5), (5, 15), (15, 10**6))],
-                "length": (sum(lengths[:10]) / 10, sum(lengths[-10:]) / 10),
+                "length": ends(lengths),
                 "greedy": first_last(rows, "eval/reward"),
                 "sampled": first_last(rows, "eval/reward_sampled")})
     print(f"\nseeds {', '.join(map(str, seeds))}\n")
     print("| run | mean advantage at positions 0-4 / 5-14 / 15+ (first 20 steps) | "
-          "response length: first 10 -> last 10 steps | held-out greedy accuracy: start -> "
+          "response length: first 3 -> last 3 logged steps | held-out greedy accuracy: start -> "
           "end | held-out sampled accuracy: start -> end |")
     print("|---|---|---|---|---|")
     for name, rs in results.items():
@@ -466,7 +489,12 @@ def main() -> None:
                         help="comma-separated seeds: each writes its own tasks and runs")
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help="comma-separated RL presets of the `rl` and `cot` sections")
+    parser.add_argument("--reuse", action="store_true",
+                        help="cot and value_bias: read the runs already finished in --out "
+                             "instead of running them again (tables after a script change)")
     args = parser.parse_args()
+    global REUSE
+    REUSE = args.reuse
     presets = args.presets.split(",")
     if unknown := sorted(set(presets) - set(PRESETS)):
         parser.error(f"--presets: unknown {', '.join(unknown)}; known: {', '.join(PRESETS)}")

@@ -216,9 +216,14 @@ def read_yaml(path: str | Path, preset_dir: Path | None = None, _seen: tuple = (
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: `base:` chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {err.start}); save the file "
+                          "as UTF-8") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(_yaml_error(path, text, err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     base = data.pop("base", None)
@@ -231,6 +236,24 @@ def read_yaml(path: str | Path, preset_dir: Path | None = None, _seen: tuple = (
     else:
         base_path = (path.parent / str(base)).resolve()
     return merge(read_yaml(base_path, preset_dir, (*_seen, path.resolve())), data)
+
+
+def _yaml_error(path: Path, text: str, err: Exception) -> str:
+    """One line naming the file, line and column of a YAML error (PyYAML's own message spans
+    several and names the text it was given, `"<unicode string>"`, not the file)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    if mark is None:
+        return f"{path}: not valid YAML ({' '.join(str(err).split())})"
+    where = f"{path} line {mark.line + 1} column {mark.column + 1}"
+    lines = text.split("\n")
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    indent = line[: len(line) - len(line.lstrip(" \t"))]
+    if "\t" in indent or "'\\t'" in (getattr(err, "problem", None) or ""):
+        return (f"{where}: a tab character; YAML does not allow tabs in indentation, indent "
+                "with spaces")
+    said = [getattr(err, "context", None), getattr(err, "problem", None)]
+    reason = "; ".join(" ".join(p.split()) for p in said if p) or " ".join(str(err).split())
+    return f"{where}: not valid YAML ({reason})"
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, Any]:

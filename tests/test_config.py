@@ -72,6 +72,23 @@ def test_yaml_errors(tmp_path):
         read_yaml(tmp_path / "loop.yaml")
 
 
+def test_yaml_with_a_tab_names_the_file_and_line(tmp_path):
+    path = tmp_path / "tabbed.yaml"
+    path.write_text("model:\n\tpath: m\ndata: {train: d.jsonl}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(SFTConfig, path)
+    message = str(err.value)
+    assert message == (f"{path} line 2 column 1: a tab character; YAML does not allow tabs in "
+                       "indentation, indent with spaces")
+    assert "<unicode string>" not in message
+    # other YAML errors: one line, naming the file and line too
+    (tmp_path / "bad.yaml").write_text("model: {path: m}\ndata: [1,\n")
+    with pytest.raises(ConfigError,
+                       match=r"bad\.yaml line \d+ column \d+: not valid YAML \(") as err:
+        read_yaml(tmp_path / "bad.yaml")
+    assert "\n" not in str(err.value) and "<unicode string>" not in str(err.value)
+
+
 def test_help_lists_every_field_with_default_and_meaning():
     rows = {key: (default, text) for key, default, text in config_help(SFTConfig)}
     # the default the SFT config builds (2e-5), not OptimConfig's own

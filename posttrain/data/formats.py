@@ -17,7 +17,8 @@ as in TRL's unpaired preference format; `unpair_preferences` turns pairs into su
 optional `margin` column of a preference record (a number, TRL's name) is the per-pair margin of
 the reward-model loss. A preference record without `prompt` is TRL's implicit-prompt format:
 the prompt is what `chosen` and `rejected` share at their start (`split_implicit_prompt`).
-Every error names where the record came from (file and line, or row) and the field.
+Every error names where the record came from (file and line, or row) and the field. A pair
+whose `chosen` equals `rejected` (`identical_pair`) is left out by the loader, with a warning.
 """
 
 from __future__ import annotations
@@ -147,9 +148,11 @@ def validate_record(record: object, where: str, kind: str | None = None) -> Exam
         record = {**record, "prompt": prompt, "chosen": chosen, "rejected": rejected}
     missing = [c for c in _REQUIRED[kind] if c not in record]
     if missing:
+        # a column name with a line break in it is quoted, so the message stays one line
+        names = sorted(k if k.isprintable() else repr(k) for k in record)
         raise DataError(
             f"{where}: missing field '{missing[0]}' (a {kind!r} record needs "
-            f"{', '.join(_REQUIRED[kind])}; it has {', '.join(sorted(record)) or 'nothing'})"
+            f"{', '.join(_REQUIRED[kind])}; it has {', '.join(names) or 'nothing'})"
         )
     extra = {k: v for k, v in record.items() if k not in _REQUIRED[kind]}
     if kind == "messages":
@@ -176,6 +179,21 @@ def validate_record(record: object, where: str, kind: str | None = None) -> Exam
             "use strings for all of them or message lists for all of them"
         )
     return Example(kind, where, label=label, extra=extra, **fields)
+
+
+def identical_pair(record: object, where: str) -> bool:
+    """Whether `record` is a preference pair whose `chosen` and `rejected` are the same
+    response: it says nothing about which is better (its DPO and reward-model losses are
+    constant), so the loader leaves it out. The pair is checked first as `validate_record`
+    would check it, so a malformed one is still an error (two nulls are not a pair)."""
+    if not (isinstance(record, Mapping) and "chosen" in record and "rejected" in record
+            and record["chosen"] == record["rejected"]):
+        return False
+    if "prompt" in record:
+        validate_record(record, where, "preference")
+    else:  # an implicit prompt cannot be split from two equal responses
+        _check_text(record["chosen"], where, "chosen")
+    return True
 
 
 def split_implicit_prompt(chosen: Text, rejected: Text, where: str) -> tuple[Text, Text, Text]:
@@ -247,7 +265,8 @@ def _common_length(a: Sequence, b: Sequence) -> int:
 def _check_margin(value: object, where: str) -> float | None:
     if value is None:  # a column that is empty for some rows: the configured margin applies
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if (isinstance(value, bool) or not isinstance(value, int | float)
+            or (isinstance(value, int) and abs(value) > 2**1023) or not math.isfinite(value)):
         raise DataError(
             f"{where}: field 'margin': expected a finite number (the reward-model margin m of "
             f"this pair) or null, got {value!r:.40}"

@@ -1,25 +1,33 @@
 """Loading records from JSONL, JSON, Parquet, a saved `datasets` directory or the hub.
 
 Every record comes with where it was found ("train.jsonl line 7", "train.parquet row 3"), so
-validation errors point at the exact place to fix.
+validation errors point at the exact place to fix. Text files may start with a UTF-8 byte
+order mark (as Windows editors write them). Preference pairs whose `chosen` equals `rejected`
+are left out, with a warning that counts them and names their lines.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.formats import Example, validate_record
+from posttrain.data.formats import Example, identical_pair, validate_record
 from posttrain.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[Any, str]]:
     with path.open("rb") as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path} line {number}"
+            if number == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]  # columns below count from after it
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -30,21 +38,26 @@ def _read_jsonl(path: Path) -> Iterator[tuple[Any, str]]:
             if not line.strip():
                 continue
             try:
-                yield json.loads(line), where
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(
                     f"{where}: not valid JSON ({err.msg} at column {err.colno}); each line "
                     "must hold one JSON object"
                 ) from None
+            except (ValueError, RecursionError) as err:  # past the parser's limits
+                raise DataError(f"{where}: JSON the parser refuses ({_one_line(err)})") from None
+            yield record, where
 
 
 def _read_json(path: Path) -> Iterator[tuple[Any, str]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM is not JSON
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not valid UTF-8 (byte offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from None
+    except (ValueError, RecursionError) as err:  # a number too long, nesting too deep
+        raise DataError(f"{path}: JSON the parser refuses ({_one_line(err)})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -57,11 +70,18 @@ def _read_parquet(path: Path) -> Iterator[tuple[Any, str]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        # to Python values here too: a date out of range or a string that is not UTF-8 fails
+        # only in the conversion
+        records = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: cannot read as Parquet ({err})") from None
-    for i, record in enumerate(table.to_pylist()):
+        raise DataError(f"{path}: cannot read as Parquet ({_one_line(err)})") from None
+    for i, record in enumerate(records):
         yield record, f"{path} row {i}"
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (pyarrow's and json's may span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _read_dataset(source: str, split: str) -> Iterator[tuple[Any, str]]:
@@ -80,21 +100,41 @@ def _read_dataset(source: str, split: str) -> Iterator[tuple[Any, str]]:
         yield record, f"{source} [{split}] row {i}"
 
 
+READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+           ".parquet": _read_parquet, ".pq": _read_parquet}
+"""The data files read, by extension."""
+
+SAVED_DATASET = (("dataset_info.json", "state.json"), ("dataset_dict.json",))
+"""The files of a `datasets.save_to_disk` directory: a `Dataset`'s, or a `DatasetDict`'s."""
+
+
+def _extensions() -> str:
+    names = list(READERS)
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _not_a_dataset(path: Path) -> DataError:
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in READERS)
+    hint = f"; did you mean {str(files[0])!r}?" if files else ""
+    return DataError(
+        f"{path}: is a directory but not a saved dataset (it has neither dataset_info.json and "
+        f"state.json nor dataset_dict.json); give a data file ({_extensions()}) or a directory "
+        f"written by `datasets`' save_to_disk (a Dataset or a DatasetDict){hint}")
+
+
 def read_records(source: str | Path, split: str = "train") -> Iterator[tuple[Any, str]]:
     """Yield `(record, where)` pairs from a file, a saved dataset directory or a hub id."""
     path = Path(source)
     suffix = path.suffix.lower()
     if path.is_file():
-        if suffix in (".jsonl", ".ndjson"):
-            return _read_jsonl(path)
-        if suffix == ".json":
-            return _read_json(path)
-        if suffix in (".parquet", ".pq"):
-            return _read_parquet(path)
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .parquet")
+        if suffix in READERS:
+            return READERS[suffix](path)
+        raise DataError(f"{path}: unknown file type {suffix!r}; use {_extensions()}")
     if path.is_dir():
+        if not any(all((path / name).is_file() for name in names) for names in SAVED_DATASET):
+            raise _not_a_dataset(path)
         return _read_dataset(str(path), split)
-    if suffix in (".jsonl", ".json", ".parquet") or str(source).startswith((".", "/")):
+    if suffix in READERS or str(source).startswith((".", "/")):
         raise DataError(f"{source}: no such file or directory")
     return _read_dataset(str(source), split)
 
@@ -102,7 +142,8 @@ def read_records(source: str | Path, split: str = "train") -> Iterator[tuple[Any
 def load_examples(
     source: str | Path, kind: str | None = None, split: str = "train", limit: int | None = None
 ) -> list[Example]:
-    """Read and validate every record of `source` (all must be of one kind).
+    """Read and validate every record of `source` (all must be of one kind). Preference pairs
+    whose `chosen` equals `rejected` are left out, with one warning counting them.
 
     Args:
         source: a .jsonl/.json/.parquet file, a `datasets.save_to_disk` directory or a hub id.
@@ -112,16 +153,41 @@ def load_examples(
         limit: read at most this many records.
     """
     examples: list[Example] = []
+    identical: list[str] = []  # where each pair with chosen == rejected was
     for record, where in read_records(source, split):
         if limit is not None and len(examples) >= limit:
             break
+        if kind in (None, "preference") and identical_pair(record, where):
+            identical.append(where)
+            continue
         ex = validate_record(record, where, kind)
         if kind is None:
             kind = ex.kind
         examples.append(ex)
+    if identical and not examples:
+        raise DataError(f"{source}: every preference pair in it ({len(identical)}) has "
+                        "'chosen' equal to 'rejected'; a pair needs two different responses")
+    if identical:
+        log.warning("%s", _identical_warning(identical))
     if not examples:
         raise DataError(f"{source}: holds no records")
     return examples
+
+
+def _identical_warning(wheres: Sequence[str], shown: int = 5) -> str:
+    """One line: how many pairs were left out and where ("d.jsonl: ... (line 3, line 9)")."""
+    heads = {w.rsplit(" ", 2)[0] for w in wheres}
+    if len(heads) == 1 and all(len(w.rsplit(" ", 2)) == 3 for w in wheres):
+        head = heads.pop()
+        places = [w[len(head) + 1:] for w in wheres]
+    else:
+        head, places = "data", list(wheres)
+    more = f" and {len(places) - shown} more" if len(places) > shown else ""
+    one = len(wheres) == 1
+    return (f"{head}: left out {len(wheres)} preference pair{'' if one else 's'} whose "
+            f"'chosen' equals 'rejected' ({', '.join(places[:shown])}{more}): "
+            f"{'it says' if one else 'they say'} nothing about which response is better; give "
+            f"two different responses to train on {'it' if one else 'them'}")
 
 
 def shuffled(items: Sequence, seed: int) -> list:

@@ -1,12 +1,16 @@
 """Load policy, frozen reference, reward model and critic from a path or hub id.
 
-Weights are loaded by `transformers` (safetensors when the checkpoint has them) and
-`trust_remote_code` stays off unless the user asks for it.
+Weights are loaded by `transformers`, from safetensors only: a checkpoint with nothing but
+pickle weights (`pytorch_model.bin`) is refused, since unpickling a file can run code.
+`trust_remote_code` stays off unless the user asks for it. A directory that cannot be loaded
+(no tokenizer, damaged or pickle-only weights) is a one-line `ConfigError` naming it and
+saying what to do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, PosttrainError
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +46,112 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "vocab.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (transformers' span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 @contextlib.contextmanager
-def _explain_load_errors(path: str | Path, what: str):
+def _explain_load_errors(path: str | Path, what: str, auto_class: str = "AutoModelForCausalLM"):
+    from safetensors import SafetensorError
+
     try:
         yield
-    except OSError as err:
+    except PosttrainError:
+        raise
+    except SafetensorError as err:  # a header check passed, the tensors did not
+        raise ConfigError(_damaged(path, what, "its .safetensors weights", err)) from None
+    except (OSError, ValueError) as err:
+        if "use_safetensors" in str(err):  # a hub repository without safetensors weights
+            raise ConfigError(_pickle_only(path, what, None, auto_class)) from None
         hint = (" (no such directory; give a local model directory or a hub id)"
                 if str(path).startswith((".", "/")) and not Path(path).exists() else "")
-        raise ConfigError(f"cannot load the {what} from {str(path)!r}{hint}: {err}") from None
+        raise ConfigError(f"cannot load the {what} from {str(path)!r}{hint}: "
+                          f"{_one_line(err)}") from None
+
+
+def _damaged(path: str | Path, what: str, part: str, err: BaseException) -> str:
+    return (f"cannot load the {what} from {str(path)!r}: {part} cannot be read "
+            f"({type(err).__name__}: {_one_line(err)}), so the file is damaged or incomplete; "
+            "download or save the model there again")
+
+
+def _pickle_only(path: str | Path, what: str, files: list[str] | None, auto_class: str
+                 ) -> str:
+    """What to do about pickle weights: those of a local directory (`files`) or, `files` None,
+    of a hub repository without safetensors weights."""
+    found = (f"it has pickle weights only ({', '.join(files)}), which posttrain refuses to "
+             "load (unpickling a file can run code)" if files else "the repository has no "
+             "safetensors weights (model.safetensors), and posttrain refuses pickle weights "
+             "(pytorch_model.bin), since unpickling a file can run code")
+    out = repr(str(path)) if files else "'LOCAL_DIR'"
+    then = "" if files else ", then give LOCAL_DIR as the model path"
+    return (f"cannot load the {what} from {str(path)!r}: {found}; if you trust the file, "
+            "convert it once in Python with "
+            f"`{auto_class}.from_pretrained({str(path)!r}).save_pretrained({out})` "
+            "(transformers reads the pickle with torch.load(weights_only=True) and writes "
+            f"model.safetensors){then}")
+
+
+def check_weights(path: str | Path, what: str, auto_class: str = "AutoModelForCausalLM"
+                  ) -> None:
+    """Refuse a local model directory whose weights posttrain will not load: pickle weights
+    only (`pytorch_model.bin`), or a safetensors file whose header does not read (a damaged
+    or truncated file; transformers would fail deep in its loader). A hub id is left to
+    transformers, which is told to load safetensors only."""
+    from safetensors import SafetensorError, safe_open
+
+    local = Path(path)
+    if not local.is_dir():
+        return
+    if not any((local / name).is_file() for name in SAFE_WEIGHTS):
+        pickled = sorted(p.name for p in local.glob("pytorch_model*.bin*"))
+        if pickled:
+            raise ConfigError(_pickle_only(path, what, pickled, auto_class))
+        return  # no weights at all: transformers' own message says which file it wanted
+    files = [local / SAFE_WEIGHTS[0]]
+    if not files[0].is_file():
+        index = local / SAFE_WEIGHTS[1]
+        try:
+            shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(_damaged(path, what, index.name, err)) from None
+        files = [local / name for name in sorted(set(shards))]
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ConfigError(_damaged(path, what, file.name, err)) from None
+
+
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).exists() for name in TOKENIZER_FILES)
+
+
+def check_tokenizer_files(path: str | Path) -> None:
+    """Refuse a local directory without tokenizer files (transformers would build an empty
+    tokenizer from config.json there, or fail deep in its loader)."""
+    if Path(path).is_dir() and not _has_tokenizer_files(Path(path)):
+        raise ConfigError(
+            f"cannot load the tokenizer from {str(path)!r}: the directory has no tokenizer "
+            f"files ({', '.join(TOKENIZER_FILES[:2])}, ...); save the model's tokenizer there "
+            f"with tokenizer.save_pretrained({str(path)!r}), or give a directory or hub id "
+            "that has one (model.tokenizer in a training config)")
+
+
+def load_model_config(path: str | Path, what: str = "model",
+                      trust_remote_code: bool = False):
+    """The `config.json` of a model directory or hub id (`AutoConfig`)."""
+    from transformers import AutoConfig
+
+    with _explain_load_errors(path, f"{what} config"):
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False,
@@ -57,6 +159,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False,
     """The tokenizer, with a pad token (EOS is used, with a warning, when it has none)."""
     from transformers import AutoTokenizer
 
+    check_tokenizer_files(path)
     with _explain_load_errors(path, "tokenizer"):
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
@@ -74,9 +177,11 @@ def load_causal_lm(path: str | Path, dtype: str | torch.dtype = "float32",
     """A causal LM to train, optionally with fresh LoRA adapters."""
     from transformers import AutoModelForCausalLM
 
+    check_weights(path, "policy model")
     with _explain_load_errors(path, "policy model"):
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+            str(path), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
     if lora is not None:
         model = apply_lora(model, lora, task_type="CAUSAL_LM")
@@ -166,7 +271,9 @@ def load_reward_model(path: str | Path, dtype: str | torch.dtype = "float32",
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    with _explain_load_errors(path, "reward model"):
+    auto_class = "AutoModelForSequenceClassification"
+    check_weights(path, "reward model", auto_class)
+    with _explain_load_errors(path, "reward model", auto_class):
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         labels = getattr(config, "num_labels", 1)
         is_classifier = any("SequenceClassification" in a for a in config.architectures or [])
@@ -176,7 +283,7 @@ def load_reward_model(path: str | Path, dtype: str | torch.dtype = "float32",
             )
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), num_labels=1, dtype=resolve_dtype(dtype),
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, use_safetensors=True,
         )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
@@ -211,8 +318,32 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "vocab.txt", "spiece.model")
+POSITION_ATTRIBUTES = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                       "max_sequence_length")
+"""Where model configs state the longest sequence the model takes (GPT-2's `n_positions`,
+MPT's `max_seq_len`, ChatGLM's `seq_length`; most say `max_position_embeddings`)."""
+
+TOKENIZER_LENGTH_CEILING = 100_000_000
+"""A tokenizer's `model_max_length` above this is transformers' "no limit" stand-in
+(`int(1e30)` when the tokenizer files name none), not a length."""
+
+
+def max_positions(model, tokenizer=None) -> int | None:
+    """The longest sequence `model` (a model, peft-wrapped or not, or its config) takes: its
+    config's maximum positions (the text part's, for a composite config); else the tokenizer's
+    `model_max_length` when that is a real length; None when neither says."""
+    model = unwrap_peft(model)
+    config = getattr(model, "config", model)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    for name in POSITION_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value <= TOKENIZER_LENGTH_CEILING:
+        return value
+    return None
 
 
 def check_same_tokenizer(tokenizer, path: str | Path, what: str,
@@ -232,7 +363,7 @@ def check_same_tokenizer(tokenizer, path: str | Path, what: str,
                           f"policy's tokenizer at {policy} has {len(tokenizer)}: it must share "
                           "the policy's tokenizer (train it from the policy's SFT model)")
     local = Path(path)
-    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+    if local.is_dir() and not _has_tokenizer_files(local):
         return
     try:
         other = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from posttrain.data.collate import encode_prompt_completion, pad
+from posttrain.data.collate import encode_within, pad
 from posttrain.models.forward import sequence_scores
+from posttrain.models.load import max_positions
 
 
 class RewardModelReward:
@@ -18,7 +19,8 @@ class RewardModelReward:
 
     Prompt and response are tokenised exactly as the reward-model trainer tokenised them
     (`encode_prompt_completion`: the response ends with EOS; a conversational prompt gets the
-    chat template and the response becomes the assistant's turn).
+    chat template and the response becomes the assistant's turn), and truncated, prompt start
+    first, to the reward model's maximum positions.
 
     Args:
         model: an `AutoModelForSequenceClassification` with one label (`load_reward_model`).
@@ -40,6 +42,7 @@ class RewardModelReward:
         if offset is None:
             offset = float(getattr(model.config, "reward_offset", 0.0) or 0.0)
         self.offset = offset
+        self.max_tokens = max_positions(model, tokenizer)
         self.__name__ = "reward_model"
 
     def encode(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[list[int]]:
@@ -47,7 +50,7 @@ class RewardModelReward:
         for prompt, response in zip(prompts, responses, strict=True):
             completion = ([{"role": "assistant", "content": response}]
                           if isinstance(prompt, list) else response)
-            p, c = encode_prompt_completion(prompt, completion, self.tokenizer)
+            p, c = encode_within(prompt, completion, self.tokenizer, self.max_tokens)
             out.append(p + c)
         return out
 

@@ -92,9 +92,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, dtype: str = "a
     """Run the server until interrupted. `model` is a Hugging Face model directory (its
     config is what the engine builds; weights come from the trainer). Port 0 picks a free
     one; the address is printed as `rollout server listening on http://HOST:PORT`."""
-    from transformers import AutoConfig
+    from posttrain.models.load import load_model_config
 
-    config = AutoConfig.from_pretrained(model)
+    config = load_model_config(model, "rollout server's model")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":

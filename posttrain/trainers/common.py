@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -11,11 +11,16 @@ from typing import Any, Literal
 from torch import nn
 
 from posttrain.config import doc
-from posttrain.data.collate import TruncationPolicy
+from posttrain.data.collate import TokenStats, TruncationPolicy
 from posttrain.data.formats import Example
 from posttrain.data.loading import load_examples, split_examples
 from posttrain.errors import ConfigError
-from posttrain.models.load import AdapterDisabledReference, LoraSpec, load_reference
+from posttrain.models.load import (
+    AdapterDisabledReference,
+    LoraSpec,
+    load_reference,
+    max_positions,
+)
 
 
 def check_local_path(path: str, field: str) -> None:
@@ -91,6 +96,10 @@ class DataConfig:
     max_prompt_tokens: int | None = doc("Longer prompts are handled by `on_overflow`.", None)
     max_completion_tokens: int | None = doc("Longer completions are handled by `on_overflow`.",
                                             None)
+    max_sequence_tokens: int | None = doc(
+        "Longest whole sequence: prompt + completion, a text or a conversation (rl: prompt + "
+        "rollout.max_new_tokens); longer ones are handled by `on_overflow`. null: the model's "
+        "maximum positions (config.max_position_embeddings or its equivalent).", None)
     on_overflow: Literal["truncate", "drop", "error"] = doc(
         "Over-long examples: truncate (prompt start / completion end), drop, or error.",
         "truncate")
@@ -100,11 +109,18 @@ class DataConfig:
             raise ConfigError("data.train is required: a data file, dataset dir or hub id")
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("max_prompt_tokens", "max_completion_tokens", "max_sequence_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{name} must be >= 1 or null, got {value}")
 
-    @property
-    def truncation(self) -> TruncationPolicy:
+    def truncation(self, model_positions: int | None) -> TruncationPolicy:
+        """The limits, with the whole sequence bounded by `max_sequence_tokens` or, when that
+        is not set, by `model_positions` (the model's maximum positions, `max_positions`)."""
+        limit = self.max_sequence_tokens if self.max_sequence_tokens is not None \
+            else model_positions
         return TruncationPolicy(self.max_prompt_tokens, self.max_completion_tokens,
-                                on_overflow=self.on_overflow)
+                                on_overflow=self.on_overflow, max_sequence_tokens=limit)
 
 
 def load_train_eval(data: DataConfig, kind: str | Sequence[str] | None,
@@ -147,14 +163,39 @@ def completion_text(completion: Any) -> str:
     return completion
 
 
-def report_truncation(stats, data: DataConfig) -> None:
-    """Say what truncation did to the data (counts), once, when a trainer starts."""
+def report_truncation(stats: TokenStats, data: DataConfig, policy: TruncationPolicy,
+                      label: str = "data", response_tokens: int = 0) -> None:
+    """Say what truncation did to the data (counts), once, when a trainer starts: `label`
+    names the data ("data", "held-out data"); `response_tokens` is the room RL keeps for the
+    response within the whole-sequence limit."""
     if not stats.counts:
         return
     parts = [f"{n} {key.replace('_', ' ')}" for key, n in sorted(stats.counts.items())]
-    print(f"data: {', '.join(parts)} (limits: max_prompt_tokens={data.max_prompt_tokens}, "
-          f"max_completion_tokens={data.max_completion_tokens}, on_overflow={data.on_overflow})",
-          flush=True)
+    sequence = f"max_sequence_tokens={policy.max_sequence_tokens}"
+    if data.max_sequence_tokens is None and policy.max_sequence_tokens is not None:
+        sequence += " (the model's maximum positions)"
+    if response_tokens and policy.max_sequence_tokens is not None:
+        sequence += f" with {response_tokens} kept for the response (rollout.max_new_tokens)"
+    print(f"{label}: {', '.join(parts)} (limits: max_prompt_tokens={policy.max_prompt_tokens}, "
+          f"max_completion_tokens={policy.max_completion_tokens}, {sequence}, "
+          f"on_overflow={policy.on_overflow})", flush=True)
+
+
+def tokenize_train_eval(tokenize: Callable[..., list], train: Sequence[Example],
+                        held: Sequence[Example], tokenizer, data: DataConfig, model: nn.Module,
+                        response_tokens: int = 0) -> tuple[list, list]:
+    """The training and held-out examples through `tokenize` (a `tokenize_*` of
+    `posttrain.data.collate`) within `data`'s limits and the model's maximum positions, each
+    set's truncation reported (`report_truncation`). `response_tokens`: for prompts to
+    generate from, the room kept for the response."""
+    policy = data.truncation(max_positions(model, tokenizer))
+    extra = {"response_tokens": response_tokens} if response_tokens else {}
+    out = []
+    for label, examples in (("data", train), ("held-out data", held)):
+        stats = TokenStats()
+        out.append(tokenize(examples, tokenizer, policy, stats, **extra))
+        report_truncation(stats, data, policy, label, response_tokens)
+    return out[0], out[1]
 
 
 def reference_model(model: ModelConfig, policy: nn.Module, path: str | None, device

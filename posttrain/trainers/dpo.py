@@ -13,7 +13,6 @@ from posttrain.algos import DPO_VARIANTS, dpo_loss, masked_sum
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedPair,
-    TokenStats,
     apply_chat_template_option,
     collate_pairs,
     tokenize_preferences,
@@ -30,7 +29,7 @@ from posttrain.trainers.common import (
     ModelConfig,
     load_train_eval,
     reference_model,
-    report_truncation,
+    tokenize_train_eval,
 )
 from posttrain.trainers.reward import pair_length
 
@@ -113,13 +112,11 @@ class DPOTrainer(Trainer):
         if d.uses_reference:
             self.reference = reference_model(m, self.model, d.reference, self.device)
         train, held = load_train_eval(config.data, "preference", config.run.seed)
-        stats = TokenStats()
-        pairs = tokenize_preferences(train, self.tokenizer, config.data.truncation, stats)
-        report_truncation(stats, config.data)
+        pairs, held_pairs = tokenize_train_eval(tokenize_preferences, train, held,
+                                                self.tokenizer, config.data, self.model)
         # Items carry their index so precomputed reference log-probs can be looked up.
         self.train_items = list(enumerate(pairs))
-        self.eval_items = list(enumerate(tokenize_preferences(held, self.tokenizer,
-                                                              config.data.truncation)))
+        self.eval_items = list(enumerate(held_pairs))
         self.eval_prompts = held[: config.eval.prompts]
         self.eval_reward = None
         if config.eval.reward is not None:

@@ -27,7 +27,6 @@ from posttrain.algos.preference import kto_loss
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedUnpaired,
-    TokenStats,
     apply_chat_template_option,
     collate_unpaired,
     kl_pairs,
@@ -40,6 +39,7 @@ from posttrain.models.forward import sequence_logprobs
 from posttrain.models.load import (
     load_causal_lm,
     load_tokenizer,
+    max_positions,
 )
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
 from posttrain.trainers.common import (
@@ -47,7 +47,7 @@ from posttrain.trainers.common import (
     ModelConfig,
     load_train_eval,
     reference_model,
-    report_truncation,
+    tokenize_train_eval,
 )
 from posttrain.trainers.dpo import PolicyEvalConfig, sampled_reward
 
@@ -101,13 +101,14 @@ class KTOTrainer(Trainer):
         self.model = load_causal_lm(m.path, m.dtype, self.device, m.trust_remote_code, m.lora)
         self.reference = reference_model(m, self.model, k.reference, self.device)
         train, held = load_train_eval(config.data, ("unpaired", "preference"), config.run.seed)
-        stats = TokenStats()
-        examples = tokenize_unpaired(unpair_preferences(train), self.tokenizer,
-                                     config.data.truncation, stats)
-        report_truncation(stats, config.data)
+        examples, held_examples = tokenize_train_eval(
+            tokenize_unpaired, unpair_preferences(train), unpair_preferences(held),
+            self.tokenizer, config.data, self.model)
+        # a mismatched pair (kl_pairs) must fit in the model as the examples do
+        self.max_sequence_tokens = config.data.truncation(
+            max_positions(self.model, self.tokenizer)).max_sequence_tokens
         self.train_items: list[Item] = list(enumerate(examples))
-        self.eval_items: list[Item] = list(enumerate(tokenize_unpaired(
-            unpair_preferences(held), self.tokenizer, config.data.truncation)))
+        self.eval_items: list[Item] = list(enumerate(held_examples))
         self.eval_prompts = distinct_prompts(held)[: config.eval.prompts]
         self.eval_reward = None
         if config.eval.reward is not None:
@@ -146,7 +147,8 @@ class KTOTrainer(Trainer):
     def kl_estimate(self, items: Sequence[Item]) -> Tensor:
         """KTO's KL estimate over all the mismatched pairs of `items` (a 0-dim tensor):
         mean of log π(y_j|x_i) − log π_ref(y_j|x_i)."""
-        mismatched = [(-1, ex) for ex in kl_pairs([ex for _, ex in items])]
+        mismatched = [(-1, ex) for ex in kl_pairs([ex for _, ex in items],
+                                                   self.max_sequence_tokens)]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for chunk in self.micro_batches(mismatched):
             examples = [ex for _, ex in chunk]

@@ -15,7 +15,6 @@ from posttrain.algos import bradley_terry_loss
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedPair,
-    TokenStats,
     apply_chat_template_option,
     collate_pairs,
     tokenize_preferences,
@@ -25,7 +24,12 @@ from posttrain.errors import ConfigError
 from posttrain.models.forward import TokenValues, sequence_scores
 from posttrain.models.load import load_reward_model, load_tokenizer
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
-from posttrain.trainers.common import DataConfig, ModelConfig, load_train_eval, report_truncation
+from posttrain.trainers.common import (
+    DataConfig,
+    ModelConfig,
+    load_train_eval,
+    tokenize_train_eval,
+)
 
 NORMALIZE_MODES = ("none", "train_responses", "policy_samples")
 
@@ -104,11 +108,8 @@ class RewardModelTrainer(Trainer):
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         train, held = load_train_eval(config.data, "preference", config.run.seed)
         self.train_examples = train
-        stats = TokenStats()
-        self.train_items = tokenize_preferences(train, self.tokenizer, config.data.truncation,
-                                                stats)
-        report_truncation(stats, config.data)
-        self.eval_items = tokenize_preferences(held, self.tokenizer, config.data.truncation)
+        self.train_items, self.eval_items = tokenize_train_eval(
+            tokenize_preferences, train, held, self.tokenizer, config.data, self.model)
 
     def item_length(self, item: TokenizedPair) -> int:
         return pair_length(item)

@@ -40,6 +40,7 @@ from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedExample,
     TokenStats,
+    TruncationPolicy,
     apply_chat_template_option,
     collate_sequences,
     micro_batches_by_tokens,
@@ -61,6 +62,7 @@ from posttrain.models.load import (
     load_causal_lm,
     load_critic,
     load_tokenizer,
+    max_positions,
     resolve_dtype,
     save_model,
     unwrap_peft,
@@ -71,7 +73,13 @@ from posttrain.rollout.experience import Experience
 from posttrain.tracking.metrics import read_jsonl
 from posttrain.trainers.accumulate import join_job
 from posttrain.trainers.base import LoopConfig, OptimConfig, Trainer, lr_lambda
-from posttrain.trainers.common import DataConfig, ModelConfig, reference_model, report_truncation
+from posttrain.trainers.common import (
+    DataConfig,
+    ModelConfig,
+    reference_model,
+    report_truncation,
+    tokenize_train_eval,
+)
 
 log = logging.getLogger(__name__)
 
@@ -444,14 +452,25 @@ class RLTrainer(Trainer):
             train, held = split_examples(train, d.eval_fraction, config.run.seed)
         else:
             held = []
-        stats = TokenStats()
-        self.train_items = tokenize_prompts(train, self.tokenizer, d.truncation, stats)
-        report_truncation(stats, d)
-        self.eval_items = tokenize_prompts(held, self.tokenizer, d.truncation)[
-            : config.eval.prompts]
+        limit = d.truncation(max_positions(self.model, self.tokenizer)).max_sequence_tokens
+        new = config.rollout.max_new_tokens
+        if limit is not None and new >= limit:
+            source = ("data.max_sequence_tokens" if d.max_sequence_tokens is not None
+                      else "the model's maximum positions")
+            raise ConfigError(
+                f"rollout.max_new_tokens ({new}) leaves no room for a prompt within {limit} "
+                f"tokens ({source}); lower rollout.max_new_tokens")
+        # a prompt gets what the response's max_new_tokens leave of the sequence limit
+        self.train_items, held_items = tokenize_train_eval(
+            tokenize_prompts, train, held, self.tokenizer, d, self.model, response_tokens=new)
+        self.eval_items = held_items[: config.eval.prompts]
         self.ptx_items: list[TokenizedExample] = []
         if self.algo.ptx_coef > 0:
-            self.ptx_items = tokenize_sft(load_examples(self.algo.ptx_data), self.tokenizer)
+            ptx = TruncationPolicy(on_overflow=d.on_overflow, max_sequence_tokens=limit)
+            stats = TokenStats()
+            self.ptx_items = tokenize_sft(load_examples(self.algo.ptx_data), self.tokenizer,
+                                          ptx, stats)
+            report_truncation(stats, d, ptx, "ptx data")
 
     def _critic_source(self) -> tuple[str, str]:
         a, cfg = self.algo, self.config

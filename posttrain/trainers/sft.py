@@ -12,7 +12,6 @@ from posttrain.algos import aggregate_loss, masked_sum
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedExample,
-    TokenStats,
     apply_chat_template_option,
     collate_sequences,
     tokenize_sft,
@@ -26,7 +25,7 @@ from posttrain.trainers.common import (
     completion_text,
     greedy_completions,
     load_train_eval,
-    report_truncation,
+    tokenize_train_eval,
 )
 
 
@@ -62,12 +61,9 @@ class SFTTrainer(Trainer):
                                     config.model.trust_remote_code, config.model.lora)
         train, held = load_train_eval(config.data, ("completion", "messages", "text"),
                                       config.run.seed)
-        self.token_stats = TokenStats()
-        self.train_items = tokenize_sft(train, self.tokenizer, config.data.truncation,
-                                        self.token_stats)
-        report_truncation(self.token_stats, config.data)
+        self.train_items, self.eval_items = tokenize_train_eval(
+            tokenize_sft, train, held, self.tokenizer, config.data, self.model)
         self.eval_examples = held
-        self.eval_items = tokenize_sft(held, self.tokenizer, config.data.truncation)
 
     def item_length(self, item: TokenizedExample) -> int:
         return len(item.input_ids)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from posttrain.data.collate import (
+    CLIP_CHARS_PER_TOKEN,
+    CLIP_MARGIN_TOKENS,
+    TokenizedUnpaired,
     TokenStats,
     TruncationPolicy,
     collate_pairs,
@@ -24,6 +29,7 @@ from posttrain.data.collate import (
 )
 from posttrain.data.formats import validate_record
 from posttrain.errors import ConfigError, DataError
+from tests.conftest import longest_row
 
 
 def ex(record, where="t.jsonl line 1"):
@@ -178,3 +184,208 @@ def test_preference_margin_reaches_the_tokenized_pair(tiny_tokenizer):
                                   ex({"prompt": "1=", "chosen": "1", "rejected": "2"})],
                                  tiny_tokenizer)
     assert [p.margin for p in pairs] == [1.5, None]
+
+
+# --- the whole-sequence limit and absurdly long records (issue 17, item 2) -------------------
+
+LONG = "12+34=46; " * 20_000  # 200,000 characters, one token each for the tiny tokenizer
+LIMIT = 256  # the tiny model's maximum positions
+
+
+def long_and_valid(kind):
+    """Valid records of `kind` with a 200,000-character one (line 9) among them."""
+    valid = {
+        "completion": [{"prompt": "1+2=", "completion": "3"},
+                       {"prompt": "40+2=", "completion": "42"}],
+        "preference": [{"prompt": "1+2=", "chosen": "3", "rejected": "4"},
+                       {"prompt": "7+7=", "chosen": "14", "rejected": "41"}],
+        "unpaired": [{"prompt": "1+2=", "completion": "3", "label": True},
+                     {"prompt": "7+7=", "completion": "41", "label": False}],
+        "prompt": [{"prompt": "1+2="}, {"prompt": "7+7="}],
+    }[kind]
+    long = {"completion": {"prompt": LONG, "completion": "46"},
+            "preference": {"prompt": LONG, "chosen": "46", "rejected": "47"},
+            "unpaired": {"prompt": LONG, "completion": "46", "label": True},
+            "prompt": {"prompt": LONG}}[kind]
+    exs = [ex(r, f"t.jsonl line {i + 1}") for i, r in enumerate(valid)]
+    return exs, ex(long, "t.jsonl line 9")
+
+
+def prompt_of(item):
+    """The prompt ids of any tokenised item (an SFT sequence's are its unmasked start)."""
+    if isinstance(item, tuple):  # tokenize_prompts
+        return item[0]
+    if hasattr(item, "prompt_ids"):
+        return item.prompt_ids
+    return item.input_ids[: item.loss_mask.index(True)]
+
+
+TOKENIZERS = {"completion": tokenize_sft, "preference": tokenize_preferences,
+              "unpaired": tokenize_unpaired, "prompt": tokenize_prompts}
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_a_200000_character_prompt_is_truncated_to_the_sequence_limit(kind, tiny_tokenizer):
+    tok = tiny_tokenizer
+    valid, long = long_and_valid(kind)
+    tokenize = TOKENIZERS[kind]
+    extra = {"response_tokens": 16} if kind == "prompt" else {}
+    stats = TokenStats()
+    policy = TruncationPolicy(max_sequence_tokens=LIMIT)
+    *kept, cut = tokenize([*valid, long], tok, policy, stats, **extra)
+    assert stats.counts == {"truncated_prompt": 1}
+    # the prompt keeps its end and makes room for the longest completion: 256 in all; RL's
+    # prompts leave 16 for the response
+    assert longest_row(cut) == (LIMIT - 16 if kind == "prompt" else LIMIT)
+    assert prompt_of(cut) == list(tok(LONG).input_ids)[-len(prompt_of(cut)):]
+    # the other records are tokenised exactly as without a limit
+    assert kept == tokenize(valid, tok)
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_a_200000_character_prompt_is_dropped_and_counted(kind, tiny_tokenizer):
+    valid, long = long_and_valid(kind)
+    tokenize = TOKENIZERS[kind]
+    extra = {"response_tokens": 16} if kind == "prompt" else {}
+    stats = TokenStats()
+    policy = TruncationPolicy(max_sequence_tokens=LIMIT, on_overflow="drop")
+    assert tokenize([*valid, long], tiny_tokenizer, policy, stats, **extra) == \
+        tokenize(valid, tiny_tokenizer)
+    assert stats.counts == {("dropped_long_prompt" if kind == "prompt"
+                             else "dropped_long_sequence"): 1}
+
+
+def test_a_200000_character_prompt_is_an_error_that_says_which_limit(tiny_tokenizer):
+    valid, long = long_and_valid("preference")
+    policy = TruncationPolicy(max_sequence_tokens=LIMIT, on_overflow="error")
+    with pytest.raises(DataError) as err:
+        tokenize_preferences([*valid, long], tiny_tokenizer, policy)
+    # 200,000 prompt tokens + "47<eos>"
+    assert str(err.value) == (
+        "t.jsonl line 9: the prompt and completion have 200003 tokens together, more than the "
+        "limit of 256 (max_sequence_tokens, by default the model's maximum positions); raise "
+        "max_sequence_tokens, shorten the record or set on_overflow to 'truncate' or 'drop'")
+    valid, long = long_and_valid("prompt")
+    with pytest.raises(DataError) as err:
+        tokenize_prompts([*valid, long], tiny_tokenizer, policy, response_tokens=16)
+    assert str(err.value) == (
+        "t.jsonl line 9: the prompt has 200000 tokens, more than the limit of 240 (256 tokens "
+        "of max_sequence_tokens, by default the model's maximum positions, less 16 kept for "
+        "the response); raise max_sequence_tokens, lower the response length or set "
+        "on_overflow to 'truncate' or 'drop'")
+    with pytest.raises(ConfigError, match="a response of up to 256 tokens leaves no room"):
+        tokenize_prompts(valid, tiny_tokenizer, policy, response_tokens=256)
+
+
+def test_long_completions_texts_and_conversations_meet_the_sequence_limit(tiny_tokenizer):
+    tok = tiny_tokenizer
+    policy = TruncationPolicy(max_sequence_tokens=LIMIT)
+    stats = TokenStats()
+    completion, text, chat = tokenize_sft([
+        ex({"prompt": "1+1=", "completion": LONG}),
+        ex({"text": LONG}),
+        ex({"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "content": LONG}]}),
+    ], tok, policy, stats)
+    # a short prompt stays whole (it is under half the limit); the completion keeps its start
+    start = list(tok(LONG).input_ids)[:LIMIT]
+    assert completion.input_ids == list(tok("1+1=").input_ids) + start[: LIMIT - 4]
+    assert completion.loss_mask == [False] * 4 + [True] * (LIMIT - 4)
+    assert text.input_ids == start and all(text.loss_mask)
+    assert tok.decode(chat.input_ids[:4]) == "<|user|>hi<|assistant|>"
+    assert chat.input_ids[4:] == start[: LIMIT - 4]
+    assert chat.loss_mask == [False] * 4 + [True] * (LIMIT - 4)
+    assert stats.counts == {"truncated_completion": 1, "truncated_sequence": 2}
+    # the per-part limits still come first, and a part cut by both is counted once
+    stats = TokenStats()
+    both = TruncationPolicy(max_prompt_tokens=300, max_sequence_tokens=LIMIT)
+    (seq,) = tokenize_sft([ex({"prompt": LONG, "completion": "46"})], tok, both, stats)
+    assert len(seq.input_ids) == LIMIT and stats.counts == {"truncated_prompt": 1}
+    with pytest.raises(DataError, match=r"the sequence has 200001 tokens, more than the limit "
+                                        r"of 256 \(max_sequence_tokens, by default the model's "
+                                        r"maximum positions\); raise max_sequence_tokens"):
+        tokenize_sft([ex({"text": LONG})], tok, replace(policy, on_overflow="error"))
+
+
+class CountingTokenizer:
+    """The tiny tokenizer, recording the length of every text it is called on."""
+
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_200000_character_prompt_is_clipped_before_it_is_tokenised(tiny_tokenizer):
+    valid, long = long_and_valid("preference")
+    tok = CountingTokenizer(tiny_tokenizer)
+    pairs = tokenize_preferences([*valid, long], tok, TruncationPolicy(max_sequence_tokens=LIMIT))
+    # no text longer than the clip was tokenised: the 200,000 characters never were
+    assert max(tok.lengths) == CLIP_CHARS_PER_TOKEN * (LIMIT + CLIP_MARGIN_TOKENS) < len(LONG)
+    # each prompt is tokenised once for its two completions; the long one once more, to check
+    # that its clipped part still overflows
+    assert len(tok.lengths) == 3 * len(valid) + 4
+    assert pairs[-1].prompt_ids == list(tiny_tokenizer(LONG).input_ids)[-(LIMIT - 3):]
+
+
+class WordTokenizer:
+    """One token per space-separated word, the word's number its id, so what truncation kept
+    can be read off; records the length of every text it is called on."""
+
+    eos_token_id = 0
+
+    def __init__(self):
+        self.lengths = []
+
+    def __call__(self, text, add_special_tokens=True):
+        self.lengths.append(len(text))
+        return SimpleNamespace(input_ids=[int(w) for w in text.split()])
+
+
+@pytest.mark.parametrize(("width", "clipped"), [(6, True), (99, False)])
+def test_clipping_keeps_the_tokens_of_the_whole_text(width, clipped):
+    # 6-digit words: 7 characters a token, so the clip keeps plenty of tokens and is used;
+    # 99-digit words: 100 characters a token, so the clip would keep too few and the whole
+    # text is tokenised instead. Either way the prompt keeps the last 10 words.
+    words = 40_000 if width == 6 else 3_000
+    text = " ".join(f"{i:0{width}d}" for i in range(words))
+    tok = WordTokenizer()
+    stats = TokenStats()
+    [(ids, _)] = tokenize_prompts([ex({"prompt": text})], tok,
+                                  TruncationPolicy(max_sequence_tokens=16), stats,
+                                  response_tokens=6)
+    assert ids == list(range(words - 10, words))
+    assert stats.counts == {"truncated_prompt": 1}
+    assert (max(tok.lengths) < len(text)) == clipped
+
+
+def test_records_under_the_limits_are_tokenised_as_without_them(tiny_tokenizer):
+    records = [ex(r) for r in ({"prompt": "12+3=", "completion": "15"},
+                               {"prompt": [{"role": "user", "content": "hi"}],
+                                "completion": [{"role": "assistant", "content": "yo"}]},
+                               {"text": "abc"},
+                               {"messages": [{"role": "user", "content": "1+1"},
+                                             {"role": "assistant", "content": "2"}]})]
+    policy = TruncationPolicy(max_sequence_tokens=LIMIT)
+    assert tokenize_sft(records, tiny_tokenizer, policy) == tokenize_sft(records, tiny_tokenizer)
+    pairs = [ex({"prompt": [{"role": "user", "content": "q"}],
+                 "chosen": [{"role": "assistant", "content": "ab"}],
+                 "rejected": [{"role": "assistant", "content": "c"}]})]
+    assert tokenize_preferences(pairs, tiny_tokenizer, policy) == \
+        tokenize_preferences(pairs, tiny_tokenizer)
+
+
+def test_kto_mismatched_pairs_fit_the_sequence_limit_too():
+    # a prompt cut to fit its own 3-token completion meets a 10-token one in the KL pairs
+    items = [TokenizedUnpaired(list(range(253)), [7] * 3, True, "u line 1"),
+             TokenizedUnpaired([5] * 4, [8] * 10, False, "u line 2")]
+    kl = kl_pairs(items, max_sequence_tokens=LIMIT)
+    # pair 0: prompt 1 + completion 2 = 263 tokens > 256, so the prompt keeps its last 246
+    assert kl[0].prompt_ids == list(range(7, 253)) and kl[0].completion_ids == [8] * 10
+    assert (kl[1].prompt_ids, kl[1].completion_ids) == ([5] * 4, [7] * 3)
+    assert kl_pairs(items)[0].prompt_ids == list(range(253))  # no limit: as before

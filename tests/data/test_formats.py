@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import logging
 
 import pytest
 
@@ -136,6 +138,64 @@ def test_missing_file_and_unknown_type(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="holds no records"):
         load_examples(tmp_path / "empty.jsonl")
+
+
+def test_a_utf8_byte_order_mark_is_read_past(tmp_path):
+    # Windows editors (Notepad, Excel's "UTF-8" export) start files with EF BB BF
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(codecs.BOM_UTF8 + b'{"text": "a"}\n{"text": "b"}\n')
+    assert [e.text for e in load_examples(jsonl)] == ["a", "b"]
+    js = tmp_path / "d.json"
+    js.write_bytes(codecs.BOM_UTF8 + json.dumps([{"text": "a"}]).encode())
+    assert [e.text for e in load_examples(js)] == ["a"]
+    # columns of line 1 still count from what an editor shows, after the mark
+    jsonl.write_bytes(codecs.BOM_UTF8 + b'{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl line 1: not valid UTF-8 \(byte 0xe9 at "
+                                        r"column 16\)"):
+        load_examples(jsonl)
+
+
+def test_pairs_whose_chosen_equals_rejected_are_left_out_with_a_warning(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "q1", "chosen": "a", "rejected": "b"},
+        {"prompt": "q2", "chosen": "same", "rejected": "same"},
+        {"prompt": "q3", "chosen": "c", "rejected": "d"},
+        {"chosen": "Q: 1? A: x", "rejected": "Q: 1? A: x"},  # implicit prompt
+    ])
+    for kind in ("preference", None):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="posttrain.data.loading"):
+            examples = load_examples(path, kind=kind)
+        assert [e.prompt for e in examples] == ["q1", "q3"]
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{path}: left out 2 preference pairs whose 'chosen' equals 'rejected' (line 2, "
+            "line 4): they say nothing about which response is better; give two different "
+            "responses to train on them"]
+    # a malformed pair is still an error naming its field, not a duplicate
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": None, "rejected": None}])
+    with pytest.raises(DataError, match=r"bad\.jsonl line 1: field 'chosen': expected a string"):
+        load_examples(bad)
+    # nothing left: an error, not an empty run
+    only = write_jsonl(tmp_path / "only.jsonl", [{"prompt": "q", "chosen": "x", "rejected": "x"}])
+    with pytest.raises(DataError, match=r"only\.jsonl: every preference pair in it \(1\) has "
+                                        r"'chosen' equal to 'rejected'"):
+        load_examples(only)
+
+
+def test_a_directory_that_is_not_a_saved_dataset_says_what_is_accepted(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    accepted = ("give a data file (.jsonl, .ndjson, .json, .parquet or .pq) or a directory "
+                "written by `datasets`' save_to_disk (a Dataset or a DatasetDict)")
+    with pytest.raises(DataError) as err:
+        load_examples(folder)
+    assert str(err.value) == (f"{folder}: is a directory but not a saved dataset (it has "
+                              "neither dataset_info.json and state.json nor dataset_dict.json); "
+                              f"{accepted}")
+    write_jsonl(folder / "train.jsonl", [{"text": "a"}])
+    with pytest.raises(DataError) as err:
+        load_examples(folder)
+    assert str(err.value).endswith(f"{accepted}; did you mean {str(folder / 'train.jsonl')!r}?")
 
 
 def test_split_and_shuffle_are_seeded():

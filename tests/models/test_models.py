@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -23,6 +25,8 @@ from posttrain.models.load import (
     load_critic,
     load_reference,
     load_reward_model,
+    load_tokenizer,
+    max_positions,
     save_model,
     value_head,
 )
@@ -156,3 +160,109 @@ def test_load_errors_are_clear(tmp_path):
         load_causal_lm(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="dtype 'fp8'"):
         load_causal_lm(str(tmp_path), dtype="fp8")
+
+
+def model_copy(tiny_model_dir, out, keep=None):
+    """A copy of the tiny model's directory: every file, or only those named in `keep`."""
+    out.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.is_file() and (keep is None or f.name in keep):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def test_a_directory_without_a_tokenizer_says_so(tiny_model_dir, tmp_path):
+    bare = model_copy(tiny_model_dir, tmp_path / "bare",
+                      keep={"config.json", "generation_config.json", "model.safetensors"})
+    with pytest.raises(ConfigError) as err:
+        load_tokenizer(bare)
+    assert str(err.value) == (
+        f"cannot load the tokenizer from {str(bare)!r}: the directory has no tokenizer files "
+        "(tokenizer.json, tokenizer_config.json, ...); save the model's tokenizer there with "
+        f"tokenizer.save_pretrained({str(bare)!r}), or give a directory or hub id that has one "
+        "(model.tokenizer in a training config)")
+    load_causal_lm(bare)  # the weights alone load
+
+
+CAUSAL, SEQ_CLS = "AutoModelForCausalLM", "AutoModelForSequenceClassification"
+
+
+@pytest.mark.parametrize(("loader", "what", "auto_class"), [
+    (load_causal_lm, "policy model", CAUSAL),
+    (load_reference, "policy model", CAUSAL),
+    (load_reward_model, "reward model", SEQ_CLS),
+    (load_critic, "reward model", SEQ_CLS),
+], ids=["policy", "reference", "reward_model", "critic"])
+def test_damaged_or_pickle_weights_are_refused_in_one_line(loader, what, auto_class,
+                                                             tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    damaged = model_copy(tiny_model_dir, tmp_path / "damaged")
+    (damaged / "model.safetensors").write_bytes(b"\xff" * 64)  # a header "2**64-1 bytes long"
+    with pytest.raises(ConfigError) as err:
+        loader(damaged)
+    message = str(err.value)
+    assert message.startswith(f"cannot load the {what} from {str(damaged)!r}: model.safetensors "
+                              "cannot be read (SafetensorError: ")
+    assert message.endswith("so the file is damaged or incomplete; download or save the model "
+                            "there again")
+    assert "\n" not in message
+
+    pickled = model_copy(tiny_model_dir, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(ConfigError) as err:
+        loader(pickled)
+    assert str(err.value) == (
+        f"cannot load the {what} from {str(pickled)!r}: it has pickle weights only "
+        "(pytorch_model.bin), which posttrain refuses to load (unpickling a file can run "
+        "code); if you trust the file, convert it once in Python "
+        f"with `{auto_class}.from_pretrained({str(pickled)!r}).save_pretrained({str(pickled)!r})` "
+        "(transformers reads the pickle with torch.load(weights_only=True) and writes "
+        "model.safetensors)")
+
+
+def test_the_conversion_the_pickle_error_gives_works(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    pickled = model_copy(tiny_model_dir, tmp_path / "pickled")
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    AutoModelForCausalLM.from_pretrained(str(pickled)).save_pretrained(str(pickled))
+    ids = torch.tensor([[5, 10, 11, 12]])
+    assert_close(load_causal_lm(pickled)(ids).logits, load_causal_lm(tiny_model_dir)(ids).logits,
+                 atol=0, rtol=0)
+
+
+def test_max_positions_reads_the_config_then_a_real_tokenizer_limit(tiny_model_dir, arch_model,
+                                                                   reward_model, tiny_tokenizer):
+    from types import SimpleNamespace
+
+    # config.json's max_position_embeddings (Llama), n_positions (GPT-2), under LoRA too
+    assert max_positions(load_causal_lm(tiny_model_dir)) == 256
+    lora = load_causal_lm(tiny_model_dir, lora=LoraSpec(r=2, target_modules=["q_proj"]))
+    assert max_positions(lora) == 256
+    assert max_positions(load_causal_lm(arch_model("gpt2"))) == 256
+    assert max_positions(reward_model) == 256
+    assert max_positions(SimpleNamespace(n_positions=1024)) == 1024
+    # no length in the config: the tokenizer's, unless it is transformers' "no limit" 1e30
+    assert tiny_tokenizer.model_max_length > 10**20
+    assert max_positions(SimpleNamespace(), tiny_tokenizer) is None
+    assert max_positions(SimpleNamespace(), SimpleNamespace(model_max_length=512)) == 512
+    assert max_positions(SimpleNamespace()) is None
+
+
+def test_reward_model_reward_fits_a_200000_character_prompt_in_the_models_positions(
+        reward_model, tiny_tokenizer):
+    from posttrain.rewards.model import RewardModelReward
+
+    long = "12+34=46; " * 20_000
+    rm = RewardModelReward(reward_model, tiny_tokenizer)
+    short, cut = rm.encode(["1+1=", long], ["2", "46"])
+    assert short == [*tiny_tokenizer("1+1=2").input_ids, tiny_tokenizer.eos_token_id]
+    # the prompt keeps its end, the response stays whole: 256 tokens, the model's positions
+    assert len(cut) == 256
+    assert cut[-3:] == [*tiny_tokenizer("46").input_ids, tiny_tokenizer.eos_token_id]
+    assert cut[:-3] == list(tiny_tokenizer(long).input_ids)[-253:]
+    assert len(rm([long], ["46"])) == 1

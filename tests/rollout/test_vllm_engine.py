@@ -193,6 +193,18 @@ def test_a_rollout_server_that_is_not_there_is_one_line_saying_how_to_start_it(m
     assert "\n" not in msg
 
 
+def test_a_rollout_server_model_that_is_not_there_is_one_line(tmp_path, capsys):
+    from posttrain.cli import main
+
+    missing = tmp_path / "missing"
+    assert main(["rollout-server", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"posttrain rollout-server: cannot load the rollout server's model "
+                          f"config from {str(missing)!r} (no such directory; give a local "
+                          "model directory or a hub id): ")
+    assert "\n" not in err and "Traceback" not in err
+
+
 def test_rollout_server_and_vllm_options_are_checked():
     from posttrain.trainers.rl import RolloutConfig
 

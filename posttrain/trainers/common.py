@@ -114,6 +114,10 @@ class DataConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"data.{name} must be >= 1 or null, got {value}")
 
+    def sequence_limit(self, model: nn.Module, tokenizer) -> int | None:
+        """The whole-sequence limit: `max_sequence_tokens`, else the model's maximum positions."""
+        return self.truncation(max_positions(model, tokenizer)).max_sequence_tokens
+
     def truncation(self, model_positions: int | None) -> TruncationPolicy:
         """The limits, with the whole sequence bounded by `max_sequence_tokens` or, when that
         is not set, by `model_positions` (the model's maximum positions, `max_positions`)."""

@@ -39,7 +39,6 @@ from posttrain.models.forward import sequence_logprobs
 from posttrain.models.load import (
     load_causal_lm,
     load_tokenizer,
-    max_positions,
 )
 from posttrain.trainers.base import OptimConfig, RunConfig, Trainer
 from posttrain.trainers.common import (
@@ -105,8 +104,7 @@ class KTOTrainer(Trainer):
             tokenize_unpaired, unpair_preferences(train), unpair_preferences(held),
             self.tokenizer, config.data, self.model)
         # a mismatched pair (kl_pairs) must fit in the model as the examples do
-        self.max_sequence_tokens = config.data.truncation(
-            max_positions(self.model, self.tokenizer)).max_sequence_tokens
+        self.max_sequence_tokens = config.data.sequence_limit(self.model, self.tokenizer)
         self.train_items: list[Item] = list(enumerate(examples))
         self.eval_items: list[Item] = list(enumerate(held_examples))
         self.eval_prompts = distinct_prompts(held)[: config.eval.prompts]

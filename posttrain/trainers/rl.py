@@ -62,7 +62,6 @@ from posttrain.models.load import (
     load_causal_lm,
     load_critic,
     load_tokenizer,
-    max_positions,
     resolve_dtype,
     save_model,
     unwrap_peft,
@@ -452,7 +451,7 @@ class RLTrainer(Trainer):
             train, held = split_examples(train, d.eval_fraction, config.run.seed)
         else:
             held = []
-        limit = d.truncation(max_positions(self.model, self.tokenizer)).max_sequence_tokens
+        limit = d.sequence_limit(self.model, self.tokenizer)
         new = config.rollout.max_new_tokens
         if limit is not None and new >= limit:
             source = ("data.max_sequence_tokens" if d.max_sequence_tokens is not None

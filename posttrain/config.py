@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -59,56 +60,78 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_shown(value)}")
     if origin is Literal:
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
-            close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)
+            close = difflib.get_close_matches(_shown(value).strip("'\""),
+                                              [str(a) for a in get_args(tp)], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}: {value!r} is not one of {choices}{hint}")
+            raise ConfigError(f"{key}: {_shown(value)} is not one of {choices}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, "
+                              f"got {_shown(value)}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple, Sequence):
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
         (item,) = get_args(tp)[:1] or (Any,)
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown(value)}")
     if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, int | float | str) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
+                number = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an int past 1.8e308
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}")
+        # NaN passes every range check (`nan <= 0` is False), and no key means ±inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {_shown(value)}")
+        return number
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
     return value
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """`value` for a one-line error: its repr, cut to `limit` characters (a 5,000-digit number
+    or a long list stays readable; a repr never holds a line break)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past Python's digit limit; a deep list
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _printable(text: str) -> str:
+    """`text` as it is, or as a quoted repr if it holds a line break or another control
+    character (an error stays one line)."""
+    return text if text.isprintable() else repr(text)
 
 
 def field_paths(cls: type, prefix: str = "") -> list[str]:
@@ -125,11 +148,15 @@ def field_paths(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+def _unknown_key(cls: type, key: Any, prefix: str) -> ConfigError:
+    if not isinstance(key, str):  # YAML reads `1:`, `null:`, `yes:` as keys that are no name
+        return ConfigError(f"{prefix.rstrip('.') or 'config'}: key {_shown(key)} is a "
+                           f"{type(key).__name__}, not a key name (see --help for all keys)")
     valid = field_paths(cls, prefix)
     close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{prefix}{key}'{hint} (see --help for all keys)")
+    shown = f"'{prefix}{key}'" if key.isprintable() else repr(prefix + key)  # a line break
+    return ConfigError(f"unknown config key {shown}{hint} (see --help for all keys)")
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -170,7 +197,10 @@ def import_user_modules(specs: Sequence[str]) -> None:
 
     for spec in specs:
         if spec.endswith(".py"):
-            path = Path(spec).resolve()
+            try:
+                path = Path(spec).resolve()
+            except (OSError, ValueError):  # a NUL byte
+                raise ConfigError(f"imports: {_shown(spec)} is not a valid path") from None
             if not path.is_file():
                 raise ConfigError(f"imports: {spec}: no such file (paths are relative to the "
                                   f"working directory, {Path.cwd()})")
@@ -187,8 +217,11 @@ def import_user_modules(specs: Sequence[str]) -> None:
         try:
             importlib.import_module(spec)
         except ModuleNotFoundError as err:
-            raise ConfigError(f"imports: cannot import {spec!r} ({err}); give a module on the "
-                              "Python path or a .py file") from None
+            raise ConfigError(f"imports: cannot import {_shown(spec)} ({err}); give a module "
+                              "on the Python path or a .py file") from None
+        except (ValueError, TypeError):  # "", ".relative", a NUL byte: no module name
+            raise ConfigError(f"imports: {_shown(spec)} is not a module name; give a module "
+                              "on the Python path or a .py file") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -211,34 +244,86 @@ def read_yaml(path: str | Path, preset_dir: Path | None = None, _seen: tuple = (
     import yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    where = _printable(str(path))
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the file system
+        raise ConfigError(f"config file {where} is not a valid path") from None
+    if not found:
+        raise ConfigError(f"config file {where} does not exist")
     if path.resolve() in _seen:
-        raise ConfigError(f"{path}: `base:` chain loops back to itself")
+        raise ConfigError(f"{where}: `base:` chain loops back to itself")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not valid UTF-8 (byte offset {err.start}); save the file "
+        raise ConfigError(f"{where}: not valid UTF-8 (byte offset {err.start}); save the file "
                           "as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"{where}: cannot be read ({err.strerror})") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = _safe_load(text)
     except yaml.YAMLError as err:
-        raise ConfigError(_yaml_error(path, text, err)) from None
+        raise ConfigError(_yaml_error(where, text, err)) from None
+    except ValueError as err:
+        raise ConfigError(f"{where}: not valid YAML ({err})") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        raise ConfigError(f"{where}: the top level must be a mapping of keys to values")
     base = data.pop("base", None)
     if base is None:
         return data
-    if isinstance(base, str) and base.startswith("preset:"):
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{where}: base: expected a file path or preset:NAME, got "
+                          f"{_shown(base)}")
+    if base.startswith("preset:"):
         if preset_dir is None:
-            raise ConfigError(f"{path}: `base: {base}` needs a preset directory")
+            raise ConfigError(f"{where}: `base: {_printable(base)}` needs a preset directory")
         base_path = preset_dir / f"{base.split(':', 1)[1]}.yaml"
     else:
-        base_path = (path.parent / str(base)).resolve()
+        base_path = path.parent / base  # checked, then resolved, by the call below
     return merge(read_yaml(base_path, preset_dir, (*_seen, path.resolve())), data)
 
 
-def _yaml_error(path: Path, text: str, err: Exception) -> str:
+MAX_DEPTH = 32
+"""How deeply a config's values may nest (a config nests 3 levels; a reward's options a few
+more): deeper is a mistake, and Python's recursion would fail on it further on."""
+
+
+def _safe_load(text: str) -> Any:
+    """`yaml.safe_load(text)`, with what PyYAML's constructors raise besides `YAMLError` and
+    what it builds that no config can hold, as ValueError with the reason: `!!int x`,
+    `2020-13-45` and a 5,000-digit number raise ValueError, KeyError or IndexError; a recursive
+    alias (`&a [*a]`) builds a list that holds itself; deep nesting overflows the stack."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as err:
+        # ValueError holds PyYAML's text of what it could not convert, the others a bare key
+        raise ValueError(f"a value YAML cannot convert: {' '.join(str(err).split())[:80]}"
+                         ) from None
+    _check_nesting(data)
+    return data
+
+
+def _check_nesting(value: Any, depth: int = 0, holders: tuple[int, ...] = ()) -> None:
+    if not isinstance(value, dict | list):
+        return
+    if id(value) in holders:
+        raise ValueError("an alias refers to a value that holds it (&name ... *name inside "
+                         "itself)")
+    if depth >= MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
+    for item in value.values() if isinstance(value, dict) else value:
+        _check_nesting(item, depth + 1, (*holders, id(value)))
+
+
+def _yaml_error(path: str, text: str, err: Exception) -> str:
     """One line naming the file, line and column of a YAML error (PyYAML's own message spans
     several and names the text it was given, `"<unicode string>"`, not the file)."""
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
@@ -272,6 +357,10 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
                 f"unexpected argument {arg!r}; overrides look like --section.key VALUE"
             )
         key, eq, value = arg[2:].partition("=")
+        parts = key.split(".")
+        if not all(part.strip() and part.isprintable() for part in parts):
+            raise ConfigError(f"override {_shown(arg)}: not a key; overrides look like "
+                              "--section.key VALUE")
         if not eq:
             if i + 1 >= len(items):
                 raise ConfigError(f"override --{key} needs a value")
@@ -279,24 +368,29 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
             i += 1
         i += 1
         try:
-            parsed = yaml.safe_load(value) if value != "" else ""
-        except yaml.YAMLError:
+            parsed = _safe_load(value) if value != "" else ""
+        except (yaml.YAMLError, ValueError):  # not YAML: the word itself, a string
             parsed = value
         node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                section = ".".join(parts[: depth + 1])
+                raise ConfigError(f"override --{key}: --{section} was given a value, so "
+                                  f"{section} is no section here; give one of the two")
         node[parts[-1]] = _numeric(parsed)
     return out
 
 
 def _numeric(value: Any) -> Any:
-    # YAML 1.1 reads "1e-5" as a string; a config number should be a number.
-    if isinstance(value, str):
+    # YAML 1.1 reads "1e-5" as a string; a config number should be a number. Not "1e999":
+    # as a float it would be inf, which no key takes, and a name may say "1e999".
+    if isinstance(value, str) and any(c in value for c in ".eE") and not value.isalpha():
         try:
-            return float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
+            number = float(value)
         except ValueError:
             return value
+        return number if math.isfinite(number) else value
     return value
 
 

@@ -7,6 +7,7 @@ import pytest
 from posttrain.config import config_help, load_config, parse_overrides, read_yaml
 from posttrain.errors import ConfigError
 from posttrain.trainers.dpo import DPOConfig
+from posttrain.trainers.rl import RLConfig
 from posttrain.trainers.sft import SFTConfig
 
 MINIMAL = {"model": {"path": "m"}, "data": {"train": "d.jsonl"}}
@@ -101,3 +102,50 @@ def test_configs_are_frozen():
     cfg = load_config(SFTConfig, overrides=MINIMAL)
     with pytest.raises(AttributeError):
         cfg.optim.lr = 1.0
+
+
+# What the fuzzing of the config layer (test_fuzz_config.py) found, each a traceback or a
+# silent acceptance before: the message that replaced it.
+FOUND_BY_FUZZING = [
+    ("optim:\n  lr: .nan\n", r"^optim\.lr: expected a finite number, got nan$"),
+    ("optim:\n  lr: 1e999\n", r"^optim\.lr: expected a finite number, got '1e999'$"),
+    ("optim:\n  lr: " + "9" * 400 + "\n", r"^optim\.lr: expected a number, got 9999.*\.\.\.$"),
+    ("optim:\n  1: 2\n", r"^optim: key 1 is a int, not a key name"),
+    ("null: 2\n", r"^config: key None is a NoneType, not a key name"),
+    ('"a\\nb": 2\n', r"^unknown config key 'a\\nb'"),
+    ("run:\n  steps: !!int x\n", r"config\.yaml: not valid YAML \(a value YAML cannot convert: "
+                                 r"invalid literal for int"),
+    ("run:\n  name: 2020-13-45\n", r"config\.yaml: not valid YAML \(a value YAML cannot convert"),
+    ("run:\n  steps: " + "1" * 5000 + "\n", r"config\.yaml: not valid YAML \(a value YAML "
+                                             r"cannot convert: Exceeds the limit"),
+    ("run:\n  name: &a [*a]\n", r"config\.yaml: not valid YAML \(an alias refers to a value "
+                                r"that holds it"),
+    ("reward: " + "[" * 3000 + "]" * 3000 + "\n", r"nested deeper than 32 levels"),
+    ("base: [a]\n", r"config\.yaml: base: expected a file path or preset:NAME, got \['a'\]"),
+    ('base: "a\\0b.yaml"\n', r"^config file '.*a\\x00b\.yaml' does not exist$"),
+    ("imports: ['']\n", r"^imports: '' is not a module name"),
+    ("imports: ['.relative']\n", r"^imports: '\.relative' is not a module name"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), FOUND_BY_FUZZING,
+                         ids=[t[:24] for t, _ in FOUND_BY_FUZZING])
+def test_what_the_fuzzing_found_is_one_config_error(tmp_path, text, message):
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {path: m}\ndata: {train: d.jsonl}\n" + text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(RLConfig if "imports" in text else SFTConfig, path)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_override_may_not_make_a_section_of_a_value():
+    with pytest.raises(ConfigError, match=r"^override --optim\.lr: --optim was given a value"):
+        parse_overrides(["--optim", "1", "--optim.lr", "2"])
+    for word in ["--", "--.", "--a..b", "--a\nb"]:
+        with pytest.raises(ConfigError, match=r"not a key; overrides look like"):
+            parse_overrides([word, "1"])
+    # a word that is no finite number stays a word: "1e999" names a run, it is no lr
+    assert parse_overrides(["--run.name", "1e999"]) == {"run": {"name": "1e999"}}
+    with pytest.raises(ConfigError, match=r"^optim\.lr: expected a finite number, got '1e999'"):
+        load_config(SFTConfig, overrides=["--optim.lr", "1e999", "--model.path", "m",
+                                          "--data.train", "d"])

@@ -173,6 +173,9 @@ class HFGenerateEngine:
             "eos_token_id": self.eos_id,
             "return_dict_in_generate": True,
             "output_logits": sampling.return_logprobs,
+            # a NaN or inf logit would stop multinomial; with it set to a finite value the
+            # draw goes on, and the log-prob, from the raw logits, stays NaN for the trainer
+            "remove_invalid_values": True,
         }
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
@@ -227,6 +230,13 @@ def filter_logits(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
         remove[:, -1] = False  # the most likely token always stays
         scores = scores.masked_fill(remove.scatter(1, order, remove), -math.inf)
     return scores
+
+
+def _first_token(probs: Tensor) -> Tensor:
+    """A one-hot distribution on token 0 per row of `probs`."""
+    out = torch.zeros_like(probs[:1])
+    out[:, 0] = 1.0
+    return out
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -321,6 +331,11 @@ class LeanGenerateEngine(HFGenerateEngine):
                 tok = scores.argmax(-1)
             else:
                 probs = filter_logits(scores, sampling.top_k, sampling.top_p).softmax(-1)
+                # A NaN or inf logit makes its row NaN, which multinomial refuses (or, on
+                # CUDA, asserts on): such a row draws token 0 instead, with no host sync. Its
+                # log-prob below stays NaN, so the trainer sees it and skips or stops.
+                probs = torch.where(torch.isfinite(probs).all(-1, keepdim=True), probs,
+                                    _first_token(probs))
                 if len(active) < rows:
                     # one draw per row of the full batch, finished rows included (a dummy
                     # one-hot), so the random stream, and hence every sample, is the one

@@ -108,18 +108,28 @@ class Accumulator:
         if finite:
             out[f"{p}grad_norm"] = norm_value
             return out
-        what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-        if self.on_nonfinite == "stop":
-            value = loss_value if what == "loss" else norm_value
-            which = "" if self.name == "model" else f" ({self.name})"
-            raise NonFiniteError(
-                f"step {step}: the {what} is {value}{which}; no weights were written. "
-                f"{self.hint()}Lower optim.lr, check the data, or set run.on_nonfinite=skip")
+        bad = f"loss is {loss_value}" if not math.isfinite(loss_value) else \
+            f"gradient norm is {norm_value}"
+        which = "" if self.name == "model" else f" ({self.name})"
+        on_nonfinite(self.on_nonfinite, step, f"the {bad}{which}", f"the {self.name} step",
+                     self.hint)
         self.skipped += 1
-        log.warning("step %d: non-finite %s %s, %s step skipped", step, self.name, what,
-                    self.name)
         out[f"{p}skipped"] = 1.0
         return out
+
+
+def on_nonfinite(mode: Literal["stop", "skip"], step: int, what: str, dropped: str,
+                 hint: Callable[[], str] = lambda: "") -> None:
+    """`run.on_nonfinite`, the same in every trainer: "stop" raises NonFiniteError saying
+    what is not finite at which step (no weights were written: the check runs before the
+    optimiser step); "skip" logs one warning saying what is dropped (the caller drops it and
+    counts it). `what` is e.g. "the loss is nan (critic)", `dropped` e.g. "the critic step".
+    """
+    if mode == "stop":
+        raise NonFiniteError(
+            f"step {step}: {what}; no weights were written. {hint()}Lower optim.lr, check "
+            "the data, or set run.on_nonfinite=skip")
+    log.warning("step %d: %s; %s skipped (run.on_nonfinite=skip)", step, what, dropped)
 
 
 def backward(jobs: Sequence[Job], module: nn.Module, dist: Dist,

@@ -70,7 +70,7 @@ from posttrain.rewards.build import build_rewards, resolve_path
 from posttrain.rollout.engine import ENGINES, RolloutEngine, SamplingConfig
 from posttrain.rollout.experience import Experience
 from posttrain.tracking.metrics import read_jsonl
-from posttrain.trainers.accumulate import join_job
+from posttrain.trainers.accumulate import join_job, on_nonfinite
 from posttrain.trainers.base import LoopConfig, OptimConfig, Trainer, lr_lambda
 from posttrain.trainers.common import (
     DataConfig,
@@ -403,6 +403,7 @@ class RLTrainer(Trainer):
                               "none" if self.engine_is_trainer else "tis")
         self.prompt_cursor = 0
         self.value_pretrained = a.value_pretrain_steps == 0
+        self.skipped_rollouts = 0  # steps dropped for a non-finite reward, log-prob or value
         self._order: tuple[int, list[int]] | None = None
         self.positions: list[dict[str, Any]] = []  # mean advantage by token position, per step
 
@@ -534,12 +535,18 @@ class RLTrainer(Trainer):
 
     def extra_state(self) -> dict[str, Any]:
         return {"kl": self.kl_ctl.state_dict(), "prompt_cursor": self.prompt_cursor,
-                "value_pretrained": self.value_pretrained}
+                "value_pretrained": self.value_pretrained,
+                "skipped_rollouts": self.skipped_rollouts}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl"])
         self.prompt_cursor = state["prompt_cursor"]
         self.value_pretrained = state["value_pretrained"]
+        self.skipped_rollouts = state.get("skipped_rollouts", 0)
+
+    @property
+    def skipped_steps(self) -> int:
+        return super().skipped_steps + self.skipped_rollouts
 
     def log_files(self) -> tuple[str, ...]:
         return (*super().log_files(), "advantage_by_position.jsonl")
@@ -558,6 +565,13 @@ class RLTrainer(Trainer):
         if not self.value_pretrained:
             self.pretrain_values()
         exp, metrics = self.collect()                 # rollout + score (+ dynamic sampling)
+        if self.drop_nonfinite(exp, "the step"):      # nothing of it reaches the update
+            self.scheduler.step()                     # a skipped step still advances them
+            if self.critic is not None:
+                self.critic_scheduler.step()
+            return ({"train/skipped": 1.0, "kl/coef": self.kl_ctl.value,
+                     "train/lr": self.scheduler.get_last_lr()[0]},
+                    int(exp.response_lengths.sum()))
         exp = self.shape(exp)                         # KL-in-reward, clipping, overlong
         exp = self.advantages(exp)                    # estimator, λ schedule, whitening
         self.phase("update")
@@ -717,6 +731,39 @@ class RLTrainer(Trainer):
         old_logp = cat([exp.old_logp] if self.reuse_old_logprobs and len(exp) else old, True)
         return exp.replace(old_logp=old_logp, ref_logp=cat(ref, self.reference is not None),
                            values=cat(values, self.critic is not None))
+
+    def drop_nonfinite(self, exp: Experience, dropped: str) -> bool:
+        """Whether the scored batch holds a NaN or inf (a reward, a log-prob of the sampler,
+        the policy or the reference, a critic value, inside the response mask) on any rank;
+        then `run.on_nonfinite` stops the run or drops `dropped` (counted). Rewards from
+        reward functions are checked where they are scored (`reward.on_error`); this catches
+        what a model computed: its logits, its values, a reward model's score."""
+        mask = exp.response_mask
+        named = {"reward": exp.scores, "sampling log-prob": exp.behavior_logp,
+                 # on-policy, π_old's log-probs are the sampler's: named once
+                 "policy log-prob": None if self.reuse_old_logprobs else exp.old_logp,
+                 "reference log-prob": exp.ref_logp,
+                 "critic value": exp.values}
+        counts = []
+        for value in named.values():
+            if value is None:
+                counts.append(torch.zeros((), device=self.device))
+                continue
+            bad = ~torch.isfinite(value.float())
+            bad = bad if bad.dim() == 1 else (bad & mask).any(-1)  # per sample
+            counts.append(bad.sum().float().to(self.device))
+        total = torch.stack([*counts, torch.tensor(float(len(exp)), device=self.device)])
+        if self.dist.enabled:
+            total = self.dist.all_reduce_sum(total)
+        *bad_counts, samples = total.tolist()  # one host sync; ranks decide together
+        found = [f"{name}s in {int(n)} of {int(samples)} samples"
+                 for name, n in zip(named, bad_counts, strict=True) if n]
+        if not found:
+            return False
+        on_nonfinite(self.run.on_nonfinite, self.step + 1, "NaN or inf " + ", ".join(found),
+                     dropped, self._checkpoint_hint)
+        self.skipped_rollouts += 1
+        return True
 
     def _micro_indices(self, exp: Experience) -> list[list[int]]:
         """Consecutive rows, as many as fit the token budget (all rows have the same width)."""
@@ -904,7 +951,11 @@ class RLTrainer(Trainer):
         self._value_log: list[dict[str, float]] = []
         for i in range(a.value_pretrain_steps):
             self.phase(f"value pretraining {i + 1}/{a.value_pretrain_steps}")
-            exp = self.shape(self.collect()[0])
+            exp = self.collect()[0]
+            if self.drop_nonfinite(exp, "this value-pretraining step"):
+                self.critic_scheduler.step()
+                continue
+            exp = self.shape(exp)
             _, returns = compute_advantages("gae", exp.token_rewards, exp.response_mask,
                                             values=exp.values, gamma=a.gamma, lam=1.0,
                                             critic_lam=1.0)
@@ -916,7 +967,7 @@ class RLTrainer(Trainer):
                               for r in self._value_log], a.value_pretrain_patience):
                 break
         self.value_pretrained = True
-        if self.dist.is_main:
+        if self.dist.is_main and self._value_log:  # empty: every step was skipped
             last = self._value_log[-1]
             print(f"value pretraining: {len(self._value_log)} steps, explained variance "
                   f"{last['explained_variance']:.3f}, value loss {last['value_loss']:.4f}",

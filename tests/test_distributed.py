@@ -21,24 +21,23 @@ from tests.conftest import QUIET
 pytestmark = pytest.mark.slow
 
 
-# FSDP2 on CPU (gloo, torch 2.13) aborts one rank now and then, about 1 launch in 6 here, with
-# "terminate called without an active exception" (std::terminate in a worker thread), at any
-# point of the run; DDP launches have never shown it. Until the cause is found, an FSDP2
-# launch that dies of exactly that abort is run again (a different failure is not retried).
+# On 2026-11-22 FSDP2 on CPU (gloo, torch 2.13) aborted one rank about 1 launch in 6 with
+# "terminate called without an active exception", and these tests retried such a launch.
+# On 2026-12-04, 105 launches (63 of the current code, with and without two busy CPU loops
+# beside them, 14 each of the commits where the abort was first seen and where the retry came
+# in) never aborted: no retry now. scripts/fsdp_launches.py counts aborts over N launches.
 GLOO_ABORT = "terminate called without an active exception"
 
 
-def torchrun(nproc, args, cwd, tasks_root, retries=0):
+def torchrun(nproc, args, cwd, tasks_root):
     env = {**os.environ, "POSTTRAIN_TASKS": str(tasks_root), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "-m", "posttrain", *args, "--run.progress", "none", "--run.log_every", "1",
            "--run.output_dir", "out"]
-    for attempt in range(retries + 1):
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=600)
-        if proc.returncode == 0 or GLOO_ABORT not in proc.stderr or attempt == retries:
-            break
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    abort = (" (the gloo abort of 2026-11-22 is back: count it with scripts/fsdp_launches.py)"
+             if GLOO_ABORT in proc.stderr else "")
+    assert proc.returncode == 0, f"torchrun failed{abort}:\n{proc.stderr[-4000:]}"
     return proc.stdout
 
 
@@ -53,9 +52,9 @@ def assert_same_weights(a, b, atol):
         torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
 
 
-def compare(args, name, key, tmp_path, tasks_root, atol=2e-6, critic=False, retries=0):
+def compare(args, name, key, tmp_path, tasks_root, atol=2e-6, critic=False):
     for n in (1, 2):
-        torchrun(n, [*args, "--run.name", f"{name}{n}"], tmp_path, tasks_root, retries)
+        torchrun(n, [*args, "--run.name", f"{name}{n}"], tmp_path, tasks_root)
     one, two = tmp_path / "out" / f"{name}1", tmp_path / "out" / f"{name}2"
     a, b = losses(one, key), losses(two, key)
     assert len(a) == len(b) > 0
@@ -118,7 +117,7 @@ def test_kl_controller_and_reward_whitening_see_the_whole_batch(stages, tmp_path
 def test_fsdp2_two_processes_equal_one(stages, tmp_path):
     compare(["sft", "--task", "arithmetic", "--run.parallel", "fsdp", "--run.steps", "4",
              "--run.eval_every", "0", "--eval.generate_samples", "4"], "fsdp", "train/loss",
-            tmp_path, stages, retries=3)
+            tmp_path, stages)
 
 
 def test_two_process_resume_is_exact(stages, tmp_path):
@@ -126,10 +125,10 @@ def test_two_process_resume_is_exact(stages, tmp_path):
     common = ["sft", "--task", "arithmetic", "--run.parallel", "fsdp", "--run.eval_every", "0",
               "--eval.generate_samples", "4", "--optim.schedule", "constant",
               "--optim.warmup_steps", "0"]
-    torchrun(2, [*common, "--run.name", "straight", "--run.steps", "4"], tmp_path, stages, 3)
-    torchrun(2, [*common, "--run.name", "resumed", "--run.steps", "2"], tmp_path, stages, 3)
+    torchrun(2, [*common, "--run.name", "straight", "--run.steps", "4"], tmp_path, stages)
+    torchrun(2, [*common, "--run.name", "resumed", "--run.steps", "2"], tmp_path, stages)
     out = torchrun(2, [*common, "--run.name", "resumed", "--run.steps", "4", "--resume"],
-                   tmp_path, stages, 3)
+                   tmp_path, stages)
     assert "resumed from" in out
     straight, resumed = tmp_path / "out" / "straight", tmp_path / "out" / "resumed"
     assert losses(resumed, "train/loss") == losses(straight, "train/loss")

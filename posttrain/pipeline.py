@@ -32,6 +32,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     # were a misread operand digit, and RL lowered it); at 1,500 it reads them right and makes
     # the demonstrator's systematic slip, forgetting the carries (greedy 0.50, seed 0)
     "arithmetic_cot": {"sft_steps": 1500, "max_new_tokens": 40, "sft_lr": 3e-3},
+    "arithmetic_cot_free": {"sft_steps": 1500, "max_new_tokens": 40, "sft_lr": 3e-3},
     "preference": {"sft_steps": 200, "max_new_tokens": 14, "sft_lr": 3e-3},
 }
 

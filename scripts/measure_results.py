@@ -1,7 +1,8 @@
 """Reproduce the numbers in docs/results.md.
 
     .venv/bin/python scripts/measure_results.py [trainers] [rl] [cot] [preference_ppo]
-        [value_bias] [cot_plots] [kl_sweep] [--out DIR] [--seeds 0,1,2] [--presets grpo,...]
+        [value_bias] [cot_plots] [kl_sweep] [length] [--out DIR] [--seeds 0,1,2]
+        [--presets grpo,...]
 
 Runs the `posttrain` commands shown in docs/results.md one after another (never in parallel:
 two torch processes on 2 cores slow each other down many times over), reads their
@@ -468,6 +469,90 @@ def value_bias(workdir: Path, seeds: list[int]) -> None:
         print(f"| {name} | {bands} | {' | '.join(cells)} |", flush=True)
 
 
+# Issue 15's length claims on `arithmetic_cot_free`, where a response is the 2-5 character
+# answer or the 8-32 character working, chosen at the first token: (row name, preset, flags).
+# "rm critic" rows start the critic from a reward model trained on the task's pairs.
+LENGTH_RUNS = [
+    ("grpo", "grpo", []),
+    ("dr_grpo", "dr_grpo", []),
+    ("dapo (token-mean)", "dapo", []),
+    ("dapo, seq-mean-token-mean", "dapo", ["--algo.aggregation", "seq-mean-token-mean"]),
+    ("vapo (length-adaptive λ)", "vapo", []),
+    ("vapo, fixed λ 0.95", "vapo", ["--algo.lambda_schedule", "fixed", "--algo.lam", "0.95"]),
+    ("vc_ppo (critic λ 1.0, actor 0.95)", "vc_ppo", []),
+    ("vc_ppo, one λ (0.95)", "vc_ppo", ["--algo.critic_lam", "0.95"]),
+    ("ppo, rm critic, no value pretraining", "ppo", ["rm critic", "--algo.kl_placement", "none"]),
+    ("vc_ppo, rm critic, value pretraining", "vc_ppo", ["rm critic"]),
+]
+LENGTH_PAIRS = [(0, 1, "response/length_wrong"), (2, 3, "response/length"),
+                (4, 5, "response/length"), (6, 7, "response/length"),
+                (8, 9, "response/length")]
+"""(run, run, the metric that claim is about), indices into LENGTH_RUNS."""
+
+
+def length(workdir: Path, seeds: list[int]) -> None:
+    """LENGTH_RUNS on `arithmetic_cot_free`, once per seed, and a plot of each claim's pair:
+    workdir/plots/length_claims.png."""
+    task = "arithmetic_cot_free"
+    runs: list[list[list[dict]]] = [[] for _ in LENGTH_RUNS]
+    walls: list[list[float | None]] = [[] for _ in LENGTH_RUNS]
+    for seed in seeds:
+        d = seed_dir(workdir, "length", seed, (task,))
+        sft_stage(d, task)
+        s = ["--run.seed", str(seed)]
+        rm = d / "runs" / "tasks" / task / "rm" / "final"
+        for i, (_, preset, extra) in enumerate(LENGTH_RUNS):
+            if "rm critic" in extra:
+                run_once(["rm", "--task", task, *s], d, f"tasks/{task}/rm")
+                extra = ["--algo.critic_init", "reward_model", "--algo.critic_path", str(rm),
+                         *(x for x in extra if x != "rm critic")]
+            walls[i].append(run_once(["rl", "--preset", preset, "--task", task, *s,
+                                      "--run.overwrite", "true", "--run.name", f"length-{i}",
+                                      *extra], d, f"length-{i}"))
+            runs[i].append(metrics(d / "runs" / f"length-{i}"))
+    print(f"\nseeds {', '.join(map(str, seeds))}\n")
+    print("| run | held-out greedy accuracy: start -> end | sampled: start -> end | response "
+          "length: first 3 -> last 3 logged steps | length of wrong answers | length of right "
+          "answers | mean advantage, positions 0-4, first 20 steps | wall time |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, (name, *_) in enumerate(LENGTH_RUNS):
+        seeds_rows = runs[i]
+        cells = []
+        for key in ("eval/reward", "eval/reward_sampled"):
+            ends_ = [first_last(rows, key) for rows in seeds_rows]
+            cells.append(f"{mean_sd([e[0] for e in ends_])} -> {mean_sd([e[1] for e in ends_])}")
+        for key in ("response/length", "response/length_wrong", "response/length_correct"):
+            ends_ = [ends([r[key] for r in rows if key in r]) for rows in seeds_rows]
+            cells.append(f"{mean_sd([e[0] for e in ends_], '.1f')} -> "
+                         f"{mean_sd([e[1] for e in ends_], '.1f')}")
+        d = [workdir / "length" / f"seed{s}" / "runs" / f"length-{i}" for s in seeds]
+        pos = [[json.loads(line) for line in (x / "advantage_by_position.jsonl").open()][:20]
+               for x in d]
+        cells.append(mean_sd([advantage_band(p, 0, 5) for p in pos], "+.3f"))
+        print(f"| {name} | {' | '.join(cells)} | {mean_wall(walls[i])} |", flush=True)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = workdir / "plots"
+    out.mkdir(exist_ok=True)
+    fig, axes = plt.subplots(1, len(LENGTH_PAIRS), figsize=(3.6 * len(LENGTH_PAIRS), 3.2))
+    for ax, (a, b, key) in zip(axes, LENGTH_PAIRS, strict=True):
+        for i in (a, b):
+            ax.plot(*mean_curve(runs[i], key), label=LENGTH_RUNS[i][0])
+        ax.set_title(key.replace("response/", "").replace("_", " of ") +
+                     (" answers" if "wrong" in key else ""), fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"arithmetic_cot_free, mean of seeds {', '.join(map(str, seeds))}", fontsize=9)
+    fig.savefig(out / "length_claims.png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {out}/length_claims.png", flush=True)
+
+
 def advantage_band(steps: list[dict], lo: int, hi: int) -> float:
     """Token-weighted mean advantage at response positions lo..hi-1 over `steps`."""
     total, weight = 0.0, 0
@@ -482,7 +567,8 @@ def advantage_band(steps: list[dict], lo: int, hi: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = {"trainers": trainers, "rl": rl, "cot": cot, "preference_ppo": preference_ppo,
-                "value_bias": value_bias, "cot_plots": cot_plots, "kl_sweep": kl_sweep}
+                "value_bias": value_bias, "cot_plots": cot_plots, "kl_sweep": kl_sweep,
+                "length": length}
     parser.add_argument("sections", nargs="*", default=list(sections), choices=list(sections))
     parser.add_argument("--out", default="/tmp/posttrain-results")
     parser.add_argument("--seeds", default="0,1,2",
@@ -490,7 +576,7 @@ def main() -> None:
     parser.add_argument("--presets", default=",".join(PRESETS),
                         help="comma-separated RL presets of the `rl` and `cot` sections")
     parser.add_argument("--reuse", action="store_true",
-                        help="cot and value_bias: read the runs already finished in --out "
+                        help="cot, value_bias and length: read the runs already finished in --out "
                              "instead of running them again (tables after a script change)")
     args = parser.parse_args()
     global REUSE

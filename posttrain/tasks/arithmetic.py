@@ -58,7 +58,14 @@ the other demonstrations make one slip: one column sum off by one (never out of 
 rest of the working carried on consistently from the slip, so the answer is off by ±1, ±10 or
 ±100. After SFT (1,500 steps) the greedy working forgets the carries on held-out prompts too
 (greedy accuracy 0.50, seed 0: right on the carry-free half); RL fixes it, and the right
-working is two characters longer a carry, so the response length can move.
+working is two characters longer a carry, so the response length can move, but only by that.
+
+`arithmetic_cot_free` is `arithmetic_cot` where half the demonstrations skip the working and
+give only the sum (`347+85=` -> `#432`, `shortcut_fraction`). The policy chooses at its first
+token between a short answer (2 to 5 characters, which the tiny model can hardly compute) and
+the working (8 to 32): the task where length is free, for the claims about length (value bias
+shortening responses, λ on long responses, token-level aggregation, Dr. GRPO's wrong-answer
+length; docs/results.md).
 """
 
 from __future__ import annotations
@@ -139,6 +146,11 @@ class ArithmeticCotConfig:
     wrong_fraction: float = 0.1
     """Share of the other SFT training demonstrations with one slip in the working (exactly
     rounded)."""
+    shortcut_fraction: float = 0.0
+    """Share of the SFT training demonstrations (exactly rounded, drawn after the slips) that
+    skip the working and give only `#` and the true sum (`347+85=` -> `#432`). With some, the
+    policy chooses at its first token between a short answer it can hardly compute and the
+    working: the response length is free to move either way (`arithmetic_cot_free`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_digits <= 6:
@@ -147,6 +159,7 @@ class ArithmeticCotConfig:
             raise ConfigError(f"n_train={self.n_train}, n_eval={self.n_eval}: must be >= 1")
         _check_fraction("carry_slip_fraction", self.carry_slip_fraction)
         _check_fraction("wrong_fraction", self.wrong_fraction)
+        _check_fraction("shortcut_fraction", self.shortcut_fraction)
         n_pairs = (10**self.max_digits) ** 2
         if self.n_train + self.n_eval > n_pairs // 2:
             raise ConfigError(
@@ -154,6 +167,14 @@ class ArithmeticCotConfig:
                 f"{n_pairs} operand pairs with max_digits={self.max_digits}; "
                 "lower them or raise max_digits"
             )
+
+
+@dataclass(frozen=True)
+class ArithmeticCotFreeConfig(ArithmeticCotConfig):
+    """Options of the `arithmetic_cot_free` task: `arithmetic_cot` where half the
+    demonstrations answer without working."""
+
+    shortcut_fraction: float = 0.5
 
 
 def _prompt(a: int, b: int) -> str:
@@ -330,6 +351,11 @@ def build_arithmetic_cot(
                       else cot_completion_with_slip(a, b, rng) if i in wrong
                       else cot_completion(a, b))
         sft_train.append({"prompt": _prompt(a, b), "completion": completion})
+    if config.shortcut_fraction:  # a generator of its own: the other files stay as they were
+        short_rng = random.Random(f"arithmetic_cot/{seed}/shortcut")
+        for i in _wrong_indices(len(train_pairs), config.shortcut_fraction, short_rng):
+            a, b = train_pairs[i]
+            sft_train[i] = {"prompt": _prompt(a, b), "completion": f"#{a + b}"}
     # PPO-ptx's stand-in for pretraining text, as in `arithmetic`: the right workings without a
     # carry (ptx on sft_train would pull the policy back to forgetting the carries)
     ptx_train = [record for (a, b), record in zip(train_pairs, sft_train, strict=True)

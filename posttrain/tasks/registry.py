@@ -185,6 +185,15 @@ register_task(Task(
     build=_build_arithmetic_cot,
 ))
 register_task(Task(
+    name="arithmetic_cot_free",
+    description="arithmetic_cot where half the demonstrations skip the working (347+85= -> "
+    "#432): the response length is free to move (2-32 characters)",
+    config_cls=arithmetic.ArithmeticCotFreeConfig,
+    files={**_SUM_FILES, "pref_train": "preference", "pref_eval": "preference"},
+    reward={"name": "exact_match", "column": "answer", "extract": arithmetic.ANSWER_PATTERN},
+    build=_build_arithmetic_cot,
+))
+register_task(Task(
     name="preference",
     description="a hidden gold scorer; preference pairs labelled by Bradley-Terry on it "
     "(SFT -> reward model -> PPO/DPO, over-optimisation)",

@@ -37,7 +37,8 @@ from posttrain.tasks.preference import (
     make_preference_pairs,
 )
 
-NAMES = ("arithmetic", "arithmetic_cot", "preference")
+NAMES = ("arithmetic", "arithmetic_cot", "arithmetic_cot_free", "preference")
+ALL_NAMES = ", ".join(NAMES)  # as an error lists them
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -80,9 +81,9 @@ def test_files_exist_and_validate(made, name):
             assert detect_kind(record) == example.kind == f["kind"]
     expected = {"sft_train": "completion", "sft_eval": "completion", "rl_train": "prompt",
                 "rl_eval": "prompt"}
-    if name in ("preference", "arithmetic_cot"):
+    if name in ("preference", "arithmetic_cot", "arithmetic_cot_free"):
         expected |= {"pref_train": "preference", "pref_eval": "preference"}
-    if name in ("arithmetic", "arithmetic_cot"):
+    if name in ("arithmetic", "arithmetic_cot", "arithmetic_cot_free"):
         expected |= {"ptx_train": "completion"}
     assert {s: f["kind"] for s, f in info["files"].items()} == expected
 
@@ -236,6 +237,23 @@ def test_cot_answers_parse_and_lengths_vary(made):
     assert ratio >= 3, f"completion lengths vary only {ratio:.1f}x"
 
 
+def test_cot_free_is_cot_with_half_the_demonstrations_answering_without_working(made):
+    cot, free = files(made["arithmetic_cot"]), files(made["arithmetic_cot_free"])
+    for stem in cot:  # the same seed: every other file, and the other half, as in arithmetic_cot
+        if stem not in ("sft_train", "ptx_train"):
+            assert free[stem] == cot[stem], stem
+    short = [i for i, (c, f) in enumerate(zip(cot["sft_train"], free["sft_train"], strict=True))
+             if c != f]
+    assert len(short) == round(0.5 * len(cot["sft_train"]))
+    for i in short:
+        record = free["sft_train"][i]
+        assert record["completion"] == f"#{sum_of(record['prompt'])}"
+        assert record["prompt"] == cot["sft_train"][i]["prompt"]
+    assert all(r in cot["ptx_train"] for r in free["ptx_train"])
+    lengths = [len(r["completion"]) for r in free["sft_train"]]
+    assert min(lengths) == 2 and max(lengths) >= 25  # "#7" .. three columns of working
+
+
 # --- preference --------------------------------------------------------------------------------
 
 
@@ -378,7 +396,7 @@ def test_registry():
 
 
 def test_registry_errors(tmp_path):
-    with pytest.raises(ConfigError, match="arithmetic, arithmetic_cot, preference"):
+    with pytest.raises(ConfigError, match=ALL_NAMES):
         make_task("algebra", tmp_path, model=False)
     with pytest.raises(ConfigError, match="did you mean 'wrong_fraction'"):
         make_task("arithmetic", tmp_path, model=False, wrong_fractoin=0.1)
@@ -412,7 +430,7 @@ def test_cli_tasks_make(tmp_path, capsys):
 def test_cli_tasks_errors(tmp_path, capsys):
     assert main(["tasks", "make", "algebra", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "unknown task 'algebra'" in err and "arithmetic, arithmetic_cot, preference" in err
+    assert "unknown task 'algebra'" in err and ALL_NAMES in err
     assert main(["tasks", "make", "arithmetic", "--out", str(tmp_path), "--no-model",
                  "--option", "max_operand=0"]) == 2
     assert "max_operand=0" in capsys.readouterr().err

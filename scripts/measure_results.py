@@ -501,9 +501,10 @@ def length(workdir: Path, seeds: list[int]) -> None:
         sft_stage(d, task)
         s = ["--run.seed", str(seed)]
         rm = d / "runs" / "tasks" / task / "rm" / "final"
+        if not rm.exists():  # the reward model the "rm critic" rows start their critic from
+            run(["rm", "--task", task, *s], d)
         for i, (_, preset, extra) in enumerate(LENGTH_RUNS):
             if "rm critic" in extra:
-                run_once(["rm", "--task", task, *s], d, f"tasks/{task}/rm")
                 extra = ["--algo.critic_init", "reward_model", "--algo.critic_path", str(rm),
                          *(x for x in extra if x != "rm critic")]
             walls[i].append(run_once(["rl", "--preset", preset, "--task", task, *s,

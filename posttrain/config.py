@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import types
 import typing
@@ -134,6 +135,13 @@ def _printable(text: str) -> str:
     return text if text.isprintable() else repr(text)
 
 
+def key_of(field_name: str) -> str:
+    """The config key of a field: its name, but `async` for the field `async_` (a Python
+    keyword cannot name a field)."""
+    stem = field_name[:-1]
+    return stem if field_name.endswith("_") and keyword.iskeyword(stem) else field_name
+
+
 def field_paths(cls: type, prefix: str = "") -> list[str]:
     """Every settable dotted key of a config class."""
     out = []
@@ -142,7 +150,7 @@ def field_paths(cls: type, prefix: str = "") -> list[str]:
         tp = hints[f.name]
         inner = [a for a in get_args(tp) if dataclasses.is_dataclass(a)] or (
             [tp] if dataclasses.is_dataclass(tp) else [])
-        out.append(prefix + f.name)
+        out.append(prefix + key_of(f.name))
         if inner:
             out += field_paths(inner[0], prefix + f.name + ".")
     return out
@@ -163,14 +171,16 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build config `cls` from a (nested) mapping, checking every key and type."""
     hints = _hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls)}
+    keys = {key_of(name): name for name in names}  # `async` -> async_
     if "imports" in names and data.get("imports"):
         # first: the sections below may name what these modules register
         import_user_modules(_coerce(data["imports"], hints["imports"], prefix + "imports"))
     kwargs = {}
     for key, value in data.items():
-        if key not in names:
+        if key not in keys and key not in names:
             raise _unknown_key(cls, key, prefix)
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
+        name = keys.get(key, key)
+        kwargs[name] = _coerce(value, hints[name], prefix + key)
     missing = [n for n, f in names.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     for name in missing:
@@ -225,7 +235,8 @@ def import_user_modules(specs: Sequence[str]) -> None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """A config as the mapping its YAML holds (keys as `key_of` names them)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {key_of(k): v for k, v in items})
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -428,7 +439,7 @@ def config_help(cls: type, prefix: str = "", defaults: Any = None
                                 value if dataclasses.is_dataclass(value) else None)
             continue
         default = "(required)" if value is dataclasses.MISSING else repr(value)
-        rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+        rows.append((prefix + key_of(f.name), default, f.metadata.get("help", "")))
     return rows
 
 

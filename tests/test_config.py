@@ -149,3 +149,21 @@ def test_an_override_may_not_make_a_section_of_a_value():
     with pytest.raises(ConfigError, match=r"^optim\.lr: expected a finite number, got '1e999'"):
         load_config(SFTConfig, overrides=["--optim.lr", "1e999", "--model.path", "m",
                                           "--data.train", "d"])
+
+
+def test_a_key_that_is_a_python_keyword(tmp_path):
+    # rollout.async names the field async_ (a keyword cannot name a field): YAML, overrides,
+    # --help and the saved config all say `async`
+    from posttrain.config import save_config
+
+    required = ["--model.path", "m", "--data.train", "d"]
+    cfg = load_config(RLConfig, overrides=["--rollout.async", "true", *required])
+    assert cfg.rollout.async_ is True
+    (tmp_path / "c.yaml").write_text("model: {path: m}\ndata: {train: d}\nrollout: {async: true}\n")
+    assert load_config(RLConfig, tmp_path / "c.yaml").rollout.async_ is True
+    assert "rollout.async" in [key for key, _, _ in config_help(RLConfig)]
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert "  async: true\n" in (tmp_path / "saved.yaml").read_text()
+    assert load_config(RLConfig, tmp_path / "saved.yaml") == cfg
+    with pytest.raises(ConfigError, match=r"did you mean 'rollout\.async'"):
+        load_config(RLConfig, overrides=["--rollout.asynk", "true", *required])

@@ -392,3 +392,22 @@ class LeanGenerateEngine(HFGenerateEngine):
 
 
 ENGINES = {"lean": LeanGenerateEngine, "hf": HFGenerateEngine}
+
+
+def build_engine(model: nn.Module, tokenizer, engine: str, dtype: str = "auto",
+                 compile: bool = False, precision: str = "fp32") -> RolloutEngine:
+    """A `lean` or `hf` engine sampling from `model`: the model itself, or a copy of its own
+    in `dtype` (auto: a bfloat16 copy for the lean engine under run.precision bf16, rather
+    than autocast re-casting every fp32 weight at every decode step), kept in sync by
+    `update_weights`. The trainer and the asynchronous worker build theirs here alike."""
+    import copy
+
+    from posttrain.models.load import resolve_dtype
+
+    rollout_model = model
+    if dtype == "auto" and precision == "bf16" and engine == "lean":
+        dtype = "bfloat16"
+    if dtype != "auto":
+        rollout_model = copy.deepcopy(model).to(resolve_dtype(dtype)).requires_grad_(False)
+    return ENGINES[engine](rollout_model, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                           decode=tokenizer.decode, **({"compile": True} if compile else {}))

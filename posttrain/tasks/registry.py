@@ -175,23 +175,24 @@ register_task(Task(
     reward={"name": "exact_match", "column": "answer"},
     build=_build_arithmetic,
 ))
+_COT = {"files": {**_SUM_FILES, "pref_train": "preference", "pref_eval": "preference"},
+        "reward": {"name": "exact_match", "column": "answer",
+                   "extract": arithmetic.ANSWER_PATTERN},
+        "build": _build_arithmetic_cot}
+"""What the two chain-of-thought tasks share: files, reward, builder."""
 register_task(Task(
     name="arithmetic_cot",
     description="a+b= with 1-3 digit operands answered by column-by-column working, then "
     "#answer (responses vary ~4x in length); the SFT demonstrator forgets 70% of carries",
     config_cls=arithmetic.ArithmeticCotConfig,
-    files={**_SUM_FILES, "pref_train": "preference", "pref_eval": "preference"},
-    reward={"name": "exact_match", "column": "answer", "extract": arithmetic.ANSWER_PATTERN},
-    build=_build_arithmetic_cot,
+    **_COT,
 ))
 register_task(Task(
     name="arithmetic_cot_free",
     description="arithmetic_cot where half the demonstrations skip the working (347+85= -> "
     "#432): the response length is free to move (2-32 characters)",
     config_cls=arithmetic.ArithmeticCotFreeConfig,
-    files={**_SUM_FILES, "pref_train": "preference", "pref_eval": "preference"},
-    reward={"name": "exact_match", "column": "answer", "extract": arithmetic.ANSWER_PATTERN},
-    build=_build_arithmetic_cot,
+    **_COT,
 ))
 register_task(Task(
     name="preference",

@@ -12,7 +12,7 @@ registers (config key `imports:`) is chosen from YAML like a built-in one.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -36,6 +36,7 @@ from posttrain.algos import (
     whiten_advantages,
 )
 from posttrain.algos.objective import StepCounts, lm_objective, policy_objective, value_objective
+from posttrain.checkpoint import load_torch
 from posttrain.config import doc
 from posttrain.data.collate import (
     TokenizedExample,
@@ -62,13 +63,20 @@ from posttrain.models.load import (
     load_causal_lm,
     load_critic,
     load_tokenizer,
-    resolve_dtype,
     save_model,
     unwrap_peft,
 )
 from posttrain.rewards.build import build_rewards, resolve_path
-from posttrain.rollout.engine import ENGINES, RolloutEngine, SamplingConfig
+from posttrain.rollout.engine import RolloutEngine, SamplingConfig, build_engine
 from posttrain.rollout.experience import Experience
+from posttrain.rollout.vllm_engine import hf_named_weights
+from posttrain.rollout.worker import (
+    Request,
+    RolloutWorker,
+    WorkerSpec,
+    result_from_state,
+    result_state,
+)
 from posttrain.tracking.metrics import read_jsonl
 from posttrain.trainers.accumulate import join_job, on_nonfinite
 from posttrain.trainers.base import LoopConfig, OptimConfig, Trainer, lr_lambda
@@ -298,8 +306,35 @@ class RolloutConfig:
         "vllm: sample on a rollout server (`posttrain rollout-server --model DIR`) at this "
         "URL, e.g. http://127.0.0.1:8000, instead of in this process; the weights are sent "
         "to it after each optimiser step.", None)
+    async_: bool = doc(
+        "Sample in a worker process of its own (key `rollout.async`) while the trainer "
+        "updates, from weights at most rollout.max_staleness optimiser steps old; the update "
+        "is decoupled PPO (clip around π_old recomputed by the trainer, weighted by "
+        "algo.is_correction's π_old/μ). docs/rollout.md.", False)
+    max_staleness: int = doc(
+        "async: how many optimiser steps older than the weights it trains a batch's sampling "
+        "weights may be (0: none, the synchronous run exactly; 1: the worker samples the next "
+        "step's batch during this step's update).", 1)
+    worker_timeout: float = doc(
+        "async: seconds without a batch from the worker before the run stops with an error "
+        "(a hung worker).", 600.0)
+    worker_threads: int = doc(
+        "async: torch threads of the worker process (0: the trainer's).", 0)
+    worker_device: str = doc(
+        "async: the worker's device (auto: the trainer's; e.g. cuda:1 to sample on a GPU of "
+        "its own).", "auto")
 
     def __post_init__(self) -> None:
+        if self.async_:
+            if self.engine not in ("lean", "hf"):
+                raise ConfigError(f"rollout.async needs rollout.engine lean or hf, got "
+                                  f"{self.engine} (a vLLM worker is not built yet)")
+            if self.max_staleness < 0:
+                raise ConfigError(f"rollout.max_staleness must be >= 0, got "
+                                  f"{self.max_staleness}")
+            if self.worker_timeout <= 0:
+                raise ConfigError(f"rollout.worker_timeout must be > 0, got "
+                                  f"{self.worker_timeout}")
         if self.compile and self.engine != "lean":
             raise ConfigError("rollout.compile needs rollout.engine=lean")
         if self.server and self.engine != "vllm":
@@ -401,6 +436,16 @@ class RLTrainer(Trainer):
                                   and config.rollout.engine in ("lean", "hf"))
         self.is_correction = (a.is_correction if a.is_correction != "auto" else
                               "none" if self.engine_is_trainer else "tis")
+        # per batch: π_old is the sampler's log-probs / the correction; a stale batch (async)
+        # recomputes π_old, the proximal policy, and corrects by π_old/μ (decoupled PPO)
+        self._reuse_now = self.reuse_old_logprobs
+        self._correction_now = self.is_correction
+        self._stale_correction = a.is_correction if a.is_correction != "auto" else "tis"
+        self.worker: RolloutWorker | None = None  # rollout.async: started on first use
+        self._requested: dict[tuple[int, int], Request] = {}  # sent, result not yet used
+        self._restored_in_flight: list = []  # batches a checkpoint kept, for the worker
+        self._async_log: list[dict[str, float]] = []
+        self.async_dropped = 0
         self.prompt_cursor = 0
         self.value_pretrained = a.value_pretrain_steps == 0
         self.skipped_rollouts = 0  # steps dropped for a non-finite reward, log-prob or value
@@ -410,18 +455,8 @@ class RLTrainer(Trainer):
     def _build_engine(self, r: RolloutConfig) -> RolloutEngine:
         if r.engine == "vllm":
             return self._build_vllm_engine(r)
-        rollout_model = self.model
-        dtype = r.dtype
-        if dtype == "auto" and self.run.precision == "bf16" and r.engine == "lean":
-            # bf16 weights of its own for sampling (synced before each rollout), rather than
-            # autocast re-casting every fp32 weight at every decode step
-            dtype = "bfloat16"
-        if dtype != "auto":
-            rollout_model = copy.deepcopy(self.model).to(resolve_dtype(dtype)).requires_grad_(
-                False)
-        return ENGINES[r.engine](rollout_model, self.tokenizer.pad_token_id,
-                                 self.tokenizer.eos_token_id, decode=self.tokenizer.decode,
-                                 **({"compile": True} if r.compile else {}))
+        return build_engine(self.model, self.tokenizer, r.engine, r.dtype, r.compile,
+                            self.run.precision)
 
     def _build_vllm_engine(self, r: RolloutConfig) -> RolloutEngine:
         from posttrain.rollout.vllm_engine import VLLMEngine, default_max_model_len
@@ -536,13 +571,51 @@ class RLTrainer(Trainer):
     def extra_state(self) -> dict[str, Any]:
         return {"kl": self.kl_ctl.state_dict(), "prompt_cursor": self.prompt_cursor,
                 "value_pretrained": self.value_pretrained,
-                "skipped_rollouts": self.skipped_rollouts}
+                "skipped_rollouts": self.skipped_rollouts, "async_dropped": self.async_dropped}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.kl_ctl.load_state_dict(state["kl"])
         self.prompt_cursor = state["prompt_cursor"]
         self.value_pretrained = state["value_pretrained"]
         self.skipped_rollouts = state.get("skipped_rollouts", 0)
+        self.async_dropped = state.get("async_dropped", 0)
+
+    def gather(self) -> dict[str, Any]:
+        """The checkpoint's parts, and (async) the batches in flight: the worker finishes
+        them, they are saved, and a resumed run trains on them as the run would have (exact
+        resume, whatever max_staleness)."""
+        payload = super().gather()
+        if not self.config.rollout.async_:
+            return payload
+        mine = []
+        if self.worker is not None:
+            for key in sorted(self._requested):
+                result = self.worker.result(*key)
+                self.worker.keep(result)
+                mine.append({"request": self._requested[key].state(),
+                             "result": result_state(result)})
+        every = [mine]
+        if self.dist.enabled:
+            every = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(every, mine)
+        payload["in_flight"] = every
+        return payload
+
+    def _write_checkpoint(self, directory: Path, payload: dict[str, Any]) -> None:
+        super()._write_checkpoint(directory, payload)
+        if any(payload.get("in_flight", [])):
+            torch.save(payload["in_flight"], directory / "in_flight.pt")
+
+    def restore(self, directory: Path) -> None:
+        super().restore(directory)
+        path = directory / "in_flight.pt"
+        if path.exists() and self.config.rollout.async_:
+            every = load_torch(path)
+            mine = every[self.dist.rank] if self.dist.rank < len(every) else []
+            for item in mine:
+                request = Request.from_state(item["request"])
+                self._requested[(request.step, request.round)] = request
+                self._restored_in_flight.append(result_from_state(item["result"]))
 
     @property
     def skipped_steps(self) -> int:
@@ -569,6 +642,7 @@ class RLTrainer(Trainer):
             self.scheduler.step()                     # a skipped step still advances them
             if self.critic is not None:
                 self.critic_scheduler.step()
+            self.publish_weights()                    # the same weights, the next version
             return ({"train/skipped": 1.0, "kl/coef": self.kl_ctl.value,
                      "train/lr": self.scheduler.get_last_lr()[0]},
                     int(exp.response_lengths.sum()))
@@ -593,6 +667,8 @@ class RLTrainer(Trainer):
         self.scheduler.step()
         if self.critic is not None:
             self.critic_scheduler.step()
+        self.publish_weights()                        # async: the worker's next weights
+        metrics.update(self.async_metrics())
         self.log_samples(exp)
         return metrics, int(exp.response_lengths.sum())  # sampled tokens, for tokens/s
 
@@ -613,6 +689,18 @@ class RLTrainer(Trainer):
                 indices: Sequence[int] | None = None) -> Experience:
         """Sample the prompts' groups; `indices` are the prompts' global positions in the
         data stream (they become the group ids, and the per-prompt seeds)."""
+        request = self._request(self.step, 0, prompts, seed, indices)
+        self.sync_engine()
+        with self.autocast():
+            exp = self.engine.generate(request.prompt_ids, request.sampling,
+                                       prompts=request.prompts, meta=request.meta,
+                                       seeds=request.seeds)
+        return self._sampled(exp, request, self.step)
+
+    def _request(self, step: int, round_: int, prompts: list[tuple[list[int], Example]],
+                 seed: int, indices: Sequence[int] | None) -> Request:
+        """What the engine samples for these prompts, at step `step` (the worker's request,
+        which the synchronous engine serves the same way)."""
         r = self.config.rollout
         sampling = SamplingConfig(samples_per_prompt=r.samples_per_prompt,
                                   max_new_tokens=r.max_new_tokens, temperature=r.temperature,
@@ -620,17 +708,23 @@ class RLTrainer(Trainer):
                                   return_logprobs=True)
         indices = list(indices) if indices is not None else list(range(len(prompts)))
         seeds = [(seed * 7919 + i) % (2**31) for i in indices] if r.seed_per_prompt else None
-        self.sync_engine()
-        with self.autocast():
-            exp = self.engine.generate([ids for ids, _ in prompts], sampling,
-                                       prompts=[ex.prompt for _, ex in prompts],
-                                       meta=_columns([ex for _, ex in prompts]), seeds=seeds)
-        group = torch.as_tensor(indices, device=exp.group_ids.device)
-        # the engine's log-probs are μ, the behaviour policy; π_old is the trainer's own
-        # (recomputed in `score`, or the update's forward pass on-policy)
-        return exp.replace(group_ids=group.repeat_interleave(r.samples_per_prompt),
+        return Request(step, round_, [ids for ids, _ in prompts], [ex.prompt for _, ex in prompts],
+                       _columns([ex for _, ex in prompts]), sampling, seeds,
+                       version=max(step - r.max_staleness, 0) if r.async_ else step,
+                       indices=indices)
+
+    def _sampled(self, exp: Experience, request: Request, version: int) -> Experience:
+        """A sampled batch as the trainer uses it: group ids from the prompts' positions, the
+        engine's log-probs as μ (the behaviour policy), and as π_old too when the batch is
+        on-policy (sampled from the weights it trains, and the preset reuses them)."""
+        group = torch.as_tensor(request.indices, device=exp.group_ids.device)
+        fresh = version == self.step
+        self._versions = [*getattr(self, "_versions", []), version]
+        # π_old is otherwise the trainer's own: recomputed in `score` (the proximal policy of
+        # decoupled PPO when the batch is stale), or the update's forward pass on-policy
+        return exp.replace(group_ids=group.repeat_interleave(request.sampling.samples_per_prompt),
                            behavior_logp=exp.old_logp,
-                           old_logp=exp.old_logp if self.reuse_old_logprobs else None)
+                           old_logp=exp.old_logp if self.reuse_old_logprobs and fresh else None)
 
     def rewards(self, exp: Experience) -> tuple[Tensor, Metrics]:
         result = self.reward_fn.score(list(exp.prompts), list(exp.texts),
@@ -649,6 +743,7 @@ class RLTrainer(Trainer):
         of ranks."""
         r, a, dist = self.config.rollout, self.algo, self.dist
         parts: list[Experience] = []
+        self._versions: list[int] = []  # the weights each part was sampled from
         kept = sampled = 0
         rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
         for round_ in range(rounds):
@@ -664,6 +759,12 @@ class RLTrainer(Trainer):
             sampled += need
             if kept >= r.prompts_per_step:
                 break
+        # π_old is the sampler's only if every part was sampled from the weights it trains
+        fresh = all(v == self.step for v in self._versions)
+        self._reuse_now = self.reuse_old_logprobs and fresh
+        self._correction_now = self.is_correction if fresh else self._stale_correction
+        if not self._reuse_now:
+            parts = [p.replace(old_logp=None) for p in parts]
         exp = Experience.concat(parts, self.tokenizer.pad_token_id) if len(parts) > 1 else parts[0]
         metrics["sampling/rounds"] = float(round_ + 1)
         if a.dynamic_sampling:
@@ -671,18 +772,112 @@ class RLTrainer(Trainer):
         self.phase("score")
         return self.score(exp.to(self.device)), metrics
 
-    def _sample_round(self, need: int, round_: int) -> tuple[Experience, Metrics]:
-        """Sample and score this rank's share of the next `need` prompts."""
-        seed = (self.run.seed * 1_000_003 + self.step * 101 + round_) % (2**31)
+    def _plan(self, step: int, need: int, round_: int) -> Request:
+        """The request for this rank's share of the next `need` prompts of the data stream,
+        sampled for step `step` (round `round_` of its dynamic sampling)."""
+        seed = (self.run.seed * 1_000_003 + step * 101 + round_) % (2**31)
         first = self.prompt_cursor
         prompts = self.next_prompts(need)
         mine = self.dist.shard(list(zip(range(first, first + need), prompts, strict=True)))
+        return self._request(step, round_, [p for _, p in mine], seed, [i for i, _ in mine])
+
+    def _sample_round(self, need: int, round_: int) -> tuple[Experience, Metrics]:
+        """Sample and score this rank's share of the next `need` prompts."""
         self.phase("rollout")
-        exp = self.rollout([p for _, p in mine], seed, [i for i, _ in mine])
+        if self.config.rollout.async_ and self.value_pretrained:  # the frozen policy of
+            exp = self._async_round(need, round_)                 # value pretraining: here
+        else:
+            request = self._plan(self.step, need, round_)
+            self.sync_engine()
+            with self.autocast():
+                exp = self.engine.generate(request.prompt_ids, request.sampling,
+                                           prompts=request.prompts, meta=request.meta,
+                                           seeds=request.seeds)
+            exp = self._sampled(exp, request, self.step)
         self.phase("reward")
         with self.autocast():
             scores, metrics = self.rewards(exp)
         return exp.replace(scores=scores), metrics
+
+    # -- asynchronous rollouts (rollout.async)
+    def _async_round(self, need: int, round_: int) -> Experience:
+        """This step's batch of round `round_` from the worker: round 0 was requested up to
+        max_staleness steps ahead (the next steps' round 0 are requested now, so the worker
+        samples them during this update); later rounds of dynamic sampling are requested
+        when needed, from the current weights."""
+        r = self.config.rollout
+        worker = self._ensure_worker()
+        if (self.step, round_) not in self._requested:
+            self._send(self._plan(self.step, need, round_) if round_ == 0 else
+                       dataclasses.replace(self._plan(self.step, need, round_),
+                                           version=self.step))
+        if round_ == 0:
+            for ahead in range(self.step + 1, min(self.step + r.max_staleness,
+                                                  self.run.steps - 1) + 1):
+                if (ahead, 0) not in self._requested:
+                    self._send(self._plan(ahead, need, 0))
+        got = worker.result(self.step, round_)
+        request = self._requested.pop((self.step, round_))
+        stale = self.step - got.version
+        if stale > r.max_staleness:  # never trained on (the exact versions rule it out)
+            self.async_dropped += 1
+            log.warning("step %d: a batch %d steps stale (rollout.max_staleness %d) dropped "
+                        "and sampled again", self.step + 1, stale, r.max_staleness)
+            self._send(dataclasses.replace(request, version=self.step))
+            got = worker.result(self.step, round_)
+            self._requested.pop((self.step, round_))
+        self._async_log.append({"staleness": float(self.step - got.version),
+                                "sample_seconds": got.sample_seconds,
+                                "worker_idle_seconds": got.idle_seconds})
+        return self._sampled(got.exp.to(self.device), request, got.version)
+
+    def _send(self, request: Request) -> None:
+        self._requested[(request.step, request.round)] = request
+        self._ensure_worker().request(request)
+
+    def _ensure_worker(self) -> RolloutWorker:
+        """The rollout worker, started on first use with the current weights."""
+        if self.worker is None:
+            m, r = self.config.model, self.config.rollout
+            device = str(self.device) if r.worker_device == "auto" else r.worker_device
+            spec = WorkerSpec(m.path, m.tokenizer_path, str(m.dtype), m.trust_remote_code,
+                              m.chat_template, r.engine, r.dtype, r.compile,
+                              self.run.precision, device,
+                              r.worker_threads or torch.get_num_threads())
+            self.worker = RolloutWorker(spec, hf_named_weights(self.model), r.worker_timeout)
+            self.worker.publish(hf_named_weights(self.model), self.step)
+            for result in self._restored_in_flight:  # batches a checkpoint kept
+                self.worker.keep(result)
+            self._restored_in_flight = []
+        return self.worker
+
+    def publish_weights(self) -> None:
+        """After an optimiser step: the worker may sample from the new weights (once it has
+        taken the older ones the requests it has not started need)."""
+        if self.worker is not None:
+            self.worker.publish(hf_named_weights(self.model), self.step + 1)
+
+    def async_metrics(self) -> Metrics:
+        """The step's staleness and timings (the batches of all its rounds)."""
+        if not self._async_log:
+            return {}
+        rows, self._async_log = self._async_log, []
+        out = {f"async/{k}": sum(row[k] for row in rows) / len(rows) for k in rows[0]}
+        out["async/staleness_max"] = max(row["staleness"] for row in rows)
+        out["async/trainer_wait_seconds"] = self.worker.take_wait() if self.worker else 0.0
+        out["async/dropped_batches"] = float(self.async_dropped)
+        return out
+
+    def close_worker(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+    def train(self):
+        try:
+            return super().train()
+        finally:
+            self.close_worker()
 
     def _sampling_report(self, kept: int, sampled: int) -> Metrics:
         target = self.config.rollout.prompts_per_step
@@ -710,7 +905,7 @@ class RLTrainer(Trainer):
         with self.autocast():
             for idx in self._micro_indices(exp):
                 ids, att = exp.input_ids[idx], exp.attention_mask[idx]
-                if not self.reuse_old_logprobs:
+                if not self._reuse_now:
                     old.append(response_logprobs(self.model, ids, att, exp.response_len, t,
                                                  packed=packed)[0])
                 if self.reference is not None:
@@ -728,7 +923,7 @@ class RLTrainer(Trainer):
                                                                      device=mask.device)
             return torch.where(mask, full, torch.zeros_like(full))
 
-        old_logp = cat([exp.old_logp] if self.reuse_old_logprobs and len(exp) else old, True)
+        old_logp = cat([exp.old_logp] if self._reuse_now and len(exp) else old, True)
         return exp.replace(old_logp=old_logp, ref_logp=cat(ref, self.reference is not None),
                            values=cat(values, self.critic is not None))
 
@@ -741,7 +936,7 @@ class RLTrainer(Trainer):
         mask = exp.response_mask
         named = {"reward": exp.scores, "sampling log-prob": exp.behavior_logp,
                  # on-policy, π_old's log-probs are the sampler's: named once
-                 "policy log-prob": None if self.reuse_old_logprobs else exp.old_logp,
+                 "policy log-prob": None if self._reuse_now else exp.old_logp,
                  "reference log-prob": exp.ref_logp,
                  "critic value": exp.values}
         counts = []
@@ -876,13 +1071,13 @@ class RLTrainer(Trainer):
                                           mb.response_len, t, with_entropy=True,
                                           packed=self.run.padding_free)
         # on-policy, π_old is this very forward pass (ratio 1, gradient A·∇log π)
-        old = logp.detach() if self.reuse_old_logprobs else mb.old_logp
+        old = logp.detach() if self._reuse_now else mb.old_logp
         weight, mismatch = None, {}
         if mb.behavior_logp is not None:
             mismatch = self.mismatch_metrics(old, mb.behavior_logp, mb.response_mask, counts)
-            if self.is_correction != "none":
+            if self._correction_now != "none":
                 weight = algos.correction_weights(
-                    self.is_correction, old, mb.behavior_logp, mb.response_mask, logp=logp,
+                    self._correction_now, old, mb.behavior_logp, mb.response_mask, logp=logp,
                     advantages=mb.advantages, params=a.is_params)
                 mismatch["mismatch/weight_mean"] = algos.masked_mean(
                     weight, mb.response_mask) * self._share_of(mb.response_mask, counts)

@@ -61,6 +61,22 @@ def sft(arithmetic_dir):
     return arithmetic_dir
 
 
+@pytest.fixture(scope="module")
+def runs(sft, tmp_path_factory):
+    """Runs several tests compare with, each made once: `runs(name, preset, **over)`."""
+    out, made = tmp_path_factory.mktemp("async-runs"), {}
+
+    def get(name, preset="grpo", **over):
+        if name not in made:
+            trainer = RLTrainer(config(sft, preset, out, name, **over))
+            made[name] = (trainer, trainer.train())
+        return made[name]
+    return get
+
+
+K1 = {"rollout": {"async": True, "max_staleness": 1}}
+
+
 def alive(pid):
     try:
         os.kill(pid, 0)
@@ -74,12 +90,9 @@ def alive(pid):
 
 
 @pytest.mark.parametrize("preset", ["grpo", "ppo"])
-def test_staleness_zero_is_the_synchronous_run_bit_for_bit(sft, tmp_path, preset):
-    sync = RLTrainer(config(sft, preset, tmp_path, "sync"))
-    sync.train()
-    trainer = RLTrainer(config(sft, preset, tmp_path, "async",
-                               rollout={"async": True, "max_staleness": 0}))
-    result = trainer.train()
+def test_staleness_zero_is_the_synchronous_run_bit_for_bit(runs, preset):
+    sync, _ = runs(f"sync-{preset}", preset)
+    trainer, result = runs(f"k0-{preset}", preset, rollout={"async": True, "max_staleness": 0})
     assert result.status == "finished" and trainer.worker is None  # closed
     a, s = rows(result.run_dir), rows(sync.run_dir)
     assert [r["step"] for r in a] == [r["step"] for r in s]
@@ -99,13 +112,8 @@ def test_staleness_zero_is_the_synchronous_run_bit_for_bit(sft, tmp_path, preset
         assert same_weights(weights(result.run_dir, "critic"), weights(sync.run_dir, "critic"))
 
 
-def test_staleness_one_trains_on_batches_one_step_old_reproducibly(sft, tmp_path):
-    def run(name):
-        t = RLTrainer(config(sft, "grpo", tmp_path, name,
-                             rollout={"async": True, "max_staleness": 1}))
-        return t, t.train()
-
-    trainer, result = run("k1")
+def test_staleness_one_trains_on_batches_one_step_old_reproducibly(runs):
+    trainer, result = runs("k1", **K1)
     assert trainer._correction_now == "tis"  # decoupled PPO: weighted by π_old/μ
     train_rows = [r for r in rows(result.run_dir) if "async/staleness" in r]
     assert [r["async/staleness"] for r in train_rows] == [0.0, 1.0, 1.0, 1.0]
@@ -113,18 +121,16 @@ def test_staleness_one_trains_on_batches_one_step_old_reproducibly(sft, tmp_path
     # the fresh first batch needs no correction; the stale ones are weighted by π_old/μ
     assert "mismatch/weight_mean" not in train_rows[0]
     assert all(0 < r["mismatch/weight_mean"] < 2 for r in train_rows[1:])
-    sync = RLTrainer(config(sft, "grpo", tmp_path, "sync"))
-    sync.train()
+    sync, _ = runs("sync-grpo")
     assert not same_weights(weights(result.run_dir), weights(sync.run_dir))
-    _, again = run("k1-again")  # the same weights whatever the timing of the two processes
+    _, again = runs("k1-again", **K1)  # the same, whatever the timing of the two processes
     assert same_weights(weights(result.run_dir), weights(again.run_dir))
     assert rows(again.run_dir) == rows(result.run_dir)
 
 
-def test_resume_with_batches_in_flight_is_exact(sft, tmp_path):
-    over = {"rollout": {"async": True, "max_staleness": 1}}
-    straight = RLTrainer(config(sft, "grpo", tmp_path, "straight", **over))
-    straight.train()
+def test_resume_with_batches_in_flight_is_exact(sft, runs, tmp_path):
+    over = K1
+    straight, _ = runs("k1", **K1)
     first = RLTrainer(config(sft, "grpo", tmp_path, "resumed", **merge(over, {
         "run": {"steps": 4, "save_every": 2}})))
     stop = {"at": 3}  # after step 2's checkpoint, before step 3's
@@ -210,3 +216,19 @@ time.sleep(600)
         assert not alive(pid)
     finally:
         proc.kill()
+
+
+@pytest.mark.parametrize("preset", ["dapo", "vapo"])
+def test_presets_with_more_rounds_or_value_pretraining_run_async(runs, preset):
+    # dapo: dynamic sampling's later rounds are requested from the current weights; vapo:
+    # value pretraining samples synchronously (the policy is frozen), then the worker starts
+    over = merge(K1, {"run": {"steps": 3}, "algo": {"value_pretrain_steps": 2}}
+                 if preset == "vapo" else {"run": {"steps": 3}})
+    trainer, result = runs(f"k1-{preset}", preset, **over)
+    assert result.status == "finished" and trainer.worker is None
+    train_rows = [r for r in rows(result.run_dir) if "async/staleness" in r]
+    # round 0 of steps 2 and 3 is one step stale; dapo's later rounds (if any) are fresh
+    assert [r["async/staleness_max"] for r in train_rows] == [0.0, 1.0, 1.0]
+    if preset == "vapo":
+        assert [r["async/staleness"] for r in train_rows] == [0.0, 1.0, 1.0]
+    assert all(torch.isfinite(w).all() for w in weights(result.run_dir).values())

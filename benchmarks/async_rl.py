@@ -6,8 +6,9 @@ held-out accuracy over the run, and time to a held-out greedy accuracy, on `arit
 
 Each run is `posttrain rl --preset P --task arithmetic` in a process of its own, the modes
 interleaved (sync, k=1, k=2, then the next preset or repeat), so all see the same machine
-state; the SFT start is trained once before. "time to X" is the wall time (the sum of the
-logged step times up to the first evaluation at or above X). Prints a table and the learning
+state; the SFT start is trained once before. Every step is logged; "run s" is the wall time
+from the first step to the last (evaluations included, the same for every mode), "time to X"
+the wall time to the first evaluation at or above X. Prints a table and the learning
 curves, and writes `benchmarks/results/<date>-async.md`. Never part of `make test`.
 """
 
@@ -40,14 +41,12 @@ def posttrain(args: list[str], workdir: Path) -> None:
 def summary(run_dir: Path, target: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     steps = [r for r in rows if "perf/step_seconds" in r]
-    evals = [(r["step"], r["eval/reward"]) for r in rows if "eval/reward" in r]
-    elapsed, reached = 0.0, None
-    for r in steps:
-        elapsed += r["perf/step_seconds"]
-        if reached is None and any(s == r["step"] and v >= target for s, v in evals):
-            reached = elapsed
+    evals = [(r["step"], r["eval/reward"], r["time"]) for r in rows if "eval/reward" in r]
+    start = evals[0][2]  # the evaluation before the first step
+    reached = next((t - start for s, v, t in evals if s > 0 and v >= target), None)
     return {"step_s": statistics.median(r["perf/step_seconds"] for r in steps),
-            "total_s": elapsed, "evals": evals, "reached_s": reached,
+            "total_s": rows[-1]["time"] - start, "evals": [(s, v) for s, v, _ in evals],
+            "reached_s": reached,
             "wait_s": statistics.mean(r.get("async/trainer_wait_seconds", 0.0) for r in steps),
             "staleness": statistics.mean(r.get("async/staleness", 0.0) for r in steps)}
 
@@ -71,7 +70,7 @@ def main() -> None:
                 print(f"{name} ...", file=sys.stderr, flush=True)
                 posttrain(["rl", "--preset", preset, "--task", "arithmetic", "--run.name", name,
                            "--run.steps", str(args.steps), "--run.eval_every",
-                           str(args.eval_every), *flags], workdir)
+                           str(args.eval_every), "--run.log_every", "1", *flags], workdir)
                 results.setdefault((preset, mode), []).append(
                     summary(workdir / "runs" / name, args.target))
     lines = [f"# Async RL on arithmetic, {datetime.date.today()}", "",

@@ -194,7 +194,7 @@ class RolloutWorker:
             args=(spec, self.weights, self.version, self.started, self.ready, self.lock,
                   self.requests, self.results, os.getpid()))
         self.process.start()
-        self._ready: dict[tuple[int, int], Result] = {}
+        self._arrived: dict[tuple[int, int], Result] = {}
         self._sent: dict[int, int] = {}  # seq -> version, of requests it may not have started
         self._seq = -1
         self.wait_seconds = 0.0  # the trainer's, since the last `take_wait`
@@ -225,7 +225,7 @@ class RolloutWorker:
 
     def keep(self, result: Result) -> None:
         """A batch sampled before (restored from a checkpoint), served as if just sent."""
-        self._ready[(result.step, result.round)] = result
+        self._arrived[(result.step, result.round)] = result
 
     def take_wait(self) -> float:
         """Seconds the trainer waited for the worker since the last call."""
@@ -257,7 +257,7 @@ class RolloutWorker:
         """The batch of (step, round), waiting for it (and keeping others that arrive)."""
         key = (step, round_)
         start = time.perf_counter()
-        while key not in self._ready:
+        while key not in self._arrived:
             try:
                 got = self.results.get(timeout=0.5)
             except queue.Empty:
@@ -273,12 +273,9 @@ class RolloutWorker:
                 last = got["error"].strip().splitlines()[-1]
                 log.error("rollout worker failed:\n%s", got["error"])
                 raise RolloutWorkerError(f"the rollout worker failed: {last}")
-            self._ready[(got.step, got.round)] = got
+            self._arrived[(got.step, got.round)] = got
         self.wait_seconds += time.perf_counter() - start
-        return self._ready.pop(key)
-
-    def pending(self) -> list[tuple[int, int]]:
-        return sorted(self._ready)
+        return self._arrived.pop(key)
 
     def close(self) -> None:
         """Stop the worker: a stop message, then terminate, then kill; no process is left."""

@@ -158,8 +158,8 @@ def field_paths(cls: type, prefix: str = "") -> list[str]:
 
 def _unknown_key(cls: type, key: Any, prefix: str) -> ConfigError:
     if not isinstance(key, str):  # YAML reads `1:`, `null:`, `yes:` as keys that are no name
-        return ConfigError(f"{prefix.rstrip('.') or 'config'}: key {_shown(key)} is a "
-                           f"{type(key).__name__}, not a key name (see --help for all keys)")
+        return ConfigError(f"{prefix.rstrip('.') or 'config'}: key {_shown(key)} "
+                           f"({type(key).__name__}) is no key name (see --help for all keys)")
     valid = field_paths(cls, prefix)
     close = difflib.get_close_matches(prefix + key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""

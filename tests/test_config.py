@@ -110,8 +110,8 @@ FOUND_BY_FUZZING = [
     ("optim:\n  lr: .nan\n", r"^optim\.lr: expected a finite number, got nan$"),
     ("optim:\n  lr: 1e999\n", r"^optim\.lr: expected a finite number, got '1e999'$"),
     ("optim:\n  lr: " + "9" * 400 + "\n", r"^optim\.lr: expected a number, got 9999.*\.\.\.$"),
-    ("optim:\n  1: 2\n", r"^optim: key 1 is a int, not a key name"),
-    ("null: 2\n", r"^config: key None is a NoneType, not a key name"),
+    ("optim:\n  1: 2\n", r"^optim: key 1 \(int\) is no key name"),
+    ("null: 2\n", r"^config: key None \(NoneType\) is no key name"),
     ('"a\\nb": 2\n', r"^unknown config key 'a\\nb'"),
     ("run:\n  steps: !!int x\n", r"config\.yaml: not valid YAML \(a value YAML cannot convert: "
                                  r"invalid literal for int"),

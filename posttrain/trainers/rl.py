@@ -445,6 +445,7 @@ class RLTrainer(Trainer):
         self._requested: dict[tuple[int, int], Request] = {}  # sent, result not yet used
         self._restored_in_flight: list = []  # batches a checkpoint kept, for the worker
         self._async_log: list[dict[str, float]] = []
+        self._versions: list[int] = []  # the weights each part of this step was sampled from
         self.async_dropped = 0
         self.prompt_cursor = 0
         self.value_pretrained = a.value_pretrain_steps == 0
@@ -689,7 +690,10 @@ class RLTrainer(Trainer):
                 indices: Sequence[int] | None = None) -> Experience:
         """Sample the prompts' groups; `indices` are the prompts' global positions in the
         data stream (they become the group ids, and the per-prompt seeds)."""
-        request = self._request(self.step, 0, prompts, seed, indices)
+        return self._generate(self._request(self.step, 0, prompts, seed, indices))
+
+    def _generate(self, request: Request) -> Experience:
+        """Serve `request` with this process's engine, from the current weights."""
         self.sync_engine()
         with self.autocast():
             exp = self.engine.generate(request.prompt_ids, request.sampling,
@@ -719,7 +723,7 @@ class RLTrainer(Trainer):
         on-policy (sampled from the weights it trains, and the preset reuses them)."""
         group = torch.as_tensor(request.indices, device=exp.group_ids.device)
         fresh = version == self.step
-        self._versions = [*getattr(self, "_versions", []), version]
+        self._versions.append(version)
         # π_old is otherwise the trainer's own: recomputed in `score` (the proximal policy of
         # decoupled PPO when the batch is stale), or the update's forward pass on-policy
         return exp.replace(group_ids=group.repeat_interleave(request.sampling.samples_per_prompt),
@@ -743,7 +747,7 @@ class RLTrainer(Trainer):
         of ranks."""
         r, a, dist = self.config.rollout, self.algo, self.dist
         parts: list[Experience] = []
-        self._versions: list[int] = []  # the weights each part was sampled from
+        self._versions = []
         kept = sampled = 0
         rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
         for round_ in range(rounds):
@@ -787,13 +791,7 @@ class RLTrainer(Trainer):
         if self.config.rollout.async_ and self.value_pretrained:  # the frozen policy of
             exp = self._async_round(need, round_)                 # value pretraining: here
         else:
-            request = self._plan(self.step, need, round_)
-            self.sync_engine()
-            with self.autocast():
-                exp = self.engine.generate(request.prompt_ids, request.sampling,
-                                           prompts=request.prompts, meta=request.meta,
-                                           seeds=request.seeds)
-            exp = self._sampled(exp, request, self.step)
+            exp = self._generate(self._plan(self.step, need, round_))
         self.phase("reward")
         with self.autocast():
             scores, metrics = self.rewards(exp)

@@ -7,9 +7,11 @@ trains, from a policy at most `rollout.max_staleness` versions old (ALGORITHMS.m
     result(t) <- (experience, w, timings)    send the batch back, stamped with w
 
 - **Weights** go through shared memory: one CPU buffer per weight, written by `publish` after
-  every optimiser step under a lock, and copied by the worker into its own model under the
-  same lock before it samples (never while it samples: a batch comes from one version). A
-  LoRA policy is published merged (`hf_named_weights`), into the worker's plain model.
+  every optimiser step under a lock, and copied by the worker into its engine under the same
+  lock before it samples (never while it samples: a batch comes from one version). A LoRA
+  policy is published merged (`hf_named_weights`), under its checkpoint names: the `lean` and
+  `hf` engines copy them into a plain model of the worker's own, the `vllm` engine reloads
+  them in place (it is built from the policy's config alone, as the colocated one).
 - **Staleness** is the number of optimiser steps between the weights a batch was sampled with
   and the weights it trains. The batch of step t is sampled from exactly version max(t - k, 0)
   (requested k steps ahead; `publish` waits until the worker has taken the weights of every
@@ -58,12 +60,13 @@ class WorkerSpec:
     model_dtype: str
     trust_remote_code: bool
     chat_template: str | None
-    engine: str  # "lean" or "hf"
+    engine: str  # "lean", "hf" or "vllm"
     engine_dtype: str  # the engine's weights: "auto", "float32", "bfloat16"
     compile: bool
     precision: str  # run.precision, for the sampling autocast
     device: str
     threads: int
+    vllm: dict[str, Any] | None = None  # vllm: VLLMEngine's config and keyword arguments
 
 
 @dataclass
@@ -119,14 +122,17 @@ def _main(spec: WorkerSpec, weights: dict[str, Tensor], version, started, ready,
         tokenizer = apply_chat_template_option(
             load_tokenizer(spec.tokenizer_path, spec.trust_remote_code), spec.chat_template)
         device = torch.device(spec.device)
-        model = load_causal_lm(spec.model_path, spec.model_dtype, device,
-                               spec.trust_remote_code).requires_grad_(False)
-        targets = model.state_dict()
-        missing = sorted(set(weights) - set(targets))
-        if missing:
-            raise RolloutWorkerError(f"the worker's model has no weight {missing[0]!r}")
-        engine = build_engine(model, tokenizer, spec.engine, spec.engine_dtype, spec.compile,
-                              spec.precision)
+        if spec.engine == "vllm":
+            model, engine = None, _vllm_engine(spec, tokenizer)
+        else:
+            model = load_causal_lm(spec.model_path, spec.model_dtype, device,
+                                   spec.trust_remote_code).requires_grad_(False)
+            targets = model.state_dict()
+            missing = sorted(set(weights) - set(targets))
+            if missing:
+                raise RolloutWorkerError(f"the worker's model has no weight {missing[0]!r}")
+            engine = build_engine(model, tokenizer, spec.engine, spec.engine_dtype,
+                                  spec.compile, spec.precision)
         ready.value = 1
         have = -1
         idle_since = time.perf_counter()
@@ -149,12 +155,15 @@ def _main(spec: WorkerSpec, weights: dict[str, Tensor], version, started, ready,
                         f"step {request.step + 1}'s batch needs the weights of version "
                         f"{request.version}, and version {version.value} is published")
                 if have != request.version:
-                    with torch.no_grad():
-                        for name, tensor in weights.items():
-                            targets[name].copy_(tensor)
+                    if model is None:  # vLLM copies them into its own parameters
+                        engine.update_weights(weights.items())
+                    else:
+                        with torch.no_grad():
+                            for name, tensor in weights.items():
+                                targets[name].copy_(tensor)
+                        if engine.model is not model:  # a copy of its own dtype
+                            engine.update_weights(model.named_parameters())
                     have = request.version
-                    if engine.model is not model:  # a copy of its own dtype
-                        engine.update_weights(model.named_parameters())
                 started.value = request.seq
             idle = time.perf_counter() - idle_since
             start = time.perf_counter()
@@ -169,6 +178,28 @@ def _main(spec: WorkerSpec, weights: dict[str, Tensor], version, started, ready,
             idle_since = time.perf_counter()
     except BaseException:
         results.put({"error": traceback.format_exc()})
+
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                      "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def _vllm_engine(spec: WorkerSpec, tokenizer):
+    """The worker's vLLM engine, alone in its process: the rank's torchrun variables, which
+    the spawned process inherits, are dropped (this engine is no part of the trainer's
+    process group), and a worker device `cuda:N` becomes the only GPU vLLM sees."""
+    from posttrain.rollout.vllm_engine import VLLMEngine
+
+    for name in TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
+    device = torch.device(spec.device)
+    if device.type == "cuda" and device.index is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device.index)  # read when CUDA starts
+        device = torch.device("cuda")
+    options = dict(spec.vllm or {})
+    config = options.pop("config")
+    return VLLMEngine(config, tokenizer.pad_token_id, tokenizer.eos_token_id,
+                      decode=tokenizer.decode, device=device, **options)
 
 
 class RolloutWorker:

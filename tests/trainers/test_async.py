@@ -27,6 +27,7 @@ from posttrain.config import load_config, merge
 from posttrain.rollout.worker import RolloutWorkerError
 from posttrain.trainers.rl import RLConfig, RLTrainer
 from tests.conftest import QUIET
+from tests.trainers.test_rl import SPEC_PRESETS
 
 TIMINGS = ("time", "perf/", "async/trainer_wait", "async/sample_seconds", "async/worker_idle")
 
@@ -218,17 +219,24 @@ time.sleep(600)
         proc.kill()
 
 
-@pytest.mark.parametrize("preset", ["dapo", "vapo"])
-def test_presets_with_more_rounds_or_value_pretraining_run_async(runs, preset):
-    # dapo: dynamic sampling's later rounds are requested from the current weights; vapo:
-    # value pretraining samples synchronously (the policy is frozen), then the worker starts
-    over = merge(K1, {"run": {"steps": 3}, "algo": {"value_pretrain_steps": 2}}
-                 if preset == "vapo" else {"run": {"steps": 3}})
-    trainer, result = runs(f"k1-{preset}", preset, **over)
+@pytest.mark.parametrize("preset", sorted(SPEC_PRESETS))
+def test_every_preset_runs_async_on_batches_one_step_stale(runs, sft, preset):
+    # dapo: dynamic sampling's later rounds are requested from the current weights; vapo and
+    # vc_ppo: value pretraining samples on the worker's side too (the policy is frozen), then
+    # the worker serves the training batches; ppo_ptx adds its SFT loss to the update
+    pretrain = {"algo": {"value_pretrain_steps": 2}} if preset in ("vapo", "vc_ppo") else {}
+    trainer, result = runs(f"k1-{preset}", preset, **merge(merge(K1, {"run": {"steps": 3}}),
+                                                           pretrain))
     assert result.status == "finished" and trainer.worker is None
     train_rows = [r for r in rows(result.run_dir) if "async/staleness" in r]
     # round 0 of steps 2 and 3 is one step stale; dapo's later rounds (if any) are fresh
     assert [r["async/staleness_max"] for r in train_rows] == [0.0, 1.0, 1.0]
-    if preset == "vapo":
+    if preset != "dapo":
         assert [r["async/staleness"] for r in train_rows] == [0.0, 1.0, 1.0]
-    assert all(torch.isfinite(w).all() for w in weights(result.run_dir).values())
+    # the stale batches' update is decoupled PPO: weighted by π_old/μ, which is not 1
+    assert trainer._correction_now == "tis"
+    assert all(r["mismatch/abs_logp_max"] > 1e-4 for r in train_rows[1:])
+    trained = weights(result.run_dir)
+    start = load_file(pipeline.ensure_sft(sft) / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in trained.values())
+    assert not same_weights(trained, start)

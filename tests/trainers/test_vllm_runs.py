@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from posttrain.trainers.rl import RLTrainer
 from tests.trainers.test_rl import rl_config, rows_of
@@ -87,3 +88,40 @@ def test_grpo_learns_through_a_rollout_server(server, arithmetic_dir, tmp_path):
     assert type(trainer.engine).__name__ == "RemoteVLLMEngine"
     assert after > before + 0.3, (before, after)
     check_mismatch(trainer, rows)
+
+
+TIMED = ("time", "perf/", "async/trainer_wait", "async/sample_seconds", "async/worker_idle")
+
+
+def test_an_async_vllm_worker_at_staleness_zero_is_the_colocated_run(
+        vllm_installed, arithmetic_dir, arithmetic_sft_model, tmp_path):
+    """The worker's vLLM engine gets the same weights and per-prompt seeds as the colocated
+    one, so k = 0 trains on the same samples: the same metrics (evaluation included, which
+    the worker serves) and the same weights, bit for bit."""
+    colocated = run(arithmetic_dir, tmp_path, "grpo", "vllm-colocated", steps=3)
+    k0 = run(arithmetic_dir, tmp_path, "grpo", "vllm-async-k0", steps=3,
+             **{"async": True, "max_staleness": 0})
+    assert type(k0[0].engine).__name__ == "WorkerEngine" and k0[0].worker is None  # closed
+    assert k0[1] == colocated[1] and k0[2] == colocated[2]  # p("7") before and after
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(TIMED)} for r in rows]
+    async_rows = strip(k0[3])
+    assert all(r.get("async/staleness", 0) == 0 for r in async_rows)
+    assert [{k: v for k, v in r.items() if not k.startswith("async/")} for r in async_rows] \
+        == strip(colocated[3])
+    a, b = colocated[0].model.state_dict(), k0[0].model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grpo_learns_from_an_async_vllm_worker_one_step_stale(
+        vllm_installed, arithmetic_dir, arithmetic_sft_model, tmp_path):
+    trainer, before, after, rows = run(arithmetic_dir, tmp_path, "grpo", "vllm-async-k1",
+                                       **{"async": True, "max_staleness": 1})
+    assert after > before + 0.3, (before, after)
+    assert trainer.is_correction == "tis" and trainer._stale_correction == "tis"
+    steps = [r for r in rows if "async/staleness" in r]
+    assert [r["async/staleness"] for r in steps] == [0.0] + [1.0] * (len(steps) - 1)
+    assert all(r["async/dropped_batches"] == 0 for r in steps)
+    # a stale batch is weighted by π_old/μ: one step of policy change, not vLLM's rounding
+    assert max(r["mismatch/abs_logp_max"] for r in steps[1:]) > 1e-3

@@ -20,6 +20,7 @@ from posttrain.errors import ShapeError
 _PER_SAMPLE_TENSORS = (
     "input_ids", "attention_mask", "response_mask", "group_ids", "truncated", "scores",
     "old_logp", "behavior_logp", "ref_logp", "values", "token_rewards", "advantages", "returns",
+    "token_scores",
 )
 
 
@@ -27,7 +28,8 @@ _PER_SAMPLE_TENSORS = (
 class Experience:
     input_ids: Tensor  # (B, P+T) prompt (left-padded) then response (right-padded)
     attention_mask: Tensor  # (B, P+T) True on real tokens
-    response_mask: Tensor  # (B, T) True on response tokens, up to and including the first EOS
+    response_mask: Tensor  # (B, T) True on response tokens, up to and including the first EOS;
+    # in a multi-turn episode True on the policy's tokens only (observations are context)
     group_ids: Tensor  # (B,) index of the prompt each response answers
     truncated: Tensor  # (B,) True when the response hit max_new_tokens without EOS
     prompts: tuple[Any, ...] = ()  # (B,) the prompts as given (strings or message lists)
@@ -41,6 +43,8 @@ class Experience:
     token_rewards: Tensor | None = None  # (B, T) shaped rewards r_t (score + KL penalty)
     advantages: Tensor | None = None  # (B, T) A_t
     returns: Tensor | None = None  # (B, T) critic targets Ret_t
+    # (B, T) multi-turn episodes: each turn's reward at its last token (their sum is `scores`)
+    token_scores: Tensor | None = None
 
     def __post_init__(self) -> None:
         b = self.input_ids.shape[0]

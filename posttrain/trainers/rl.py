@@ -68,6 +68,8 @@ from posttrain.models.load import (
 )
 from posttrain.rewards.build import build_rewards, resolve_path
 from posttrain.rollout.engine import RolloutEngine, SamplingConfig, build_engine
+from posttrain.rollout.environment import load_environment
+from posttrain.rollout.episodes import EpisodeLimits, run_episodes
 from posttrain.rollout.experience import Experience
 from posttrain.rollout.vllm_engine import hf_named_weights
 from posttrain.rollout.worker import (
@@ -324,11 +326,47 @@ class RolloutConfig:
         "async: the worker's device (auto: the trainer's; e.g. cuda:1 to sample on a GPU of "
         "its own).", "auto")
 
+    environment: str | None = doc(
+        "Multi-turn episodes: the environment class that answers each turn, "
+        "'package.module:Class' or 'path/file.py:Class' (posttrain.rollout.environment; "
+        "docs/guide.md). max_new_tokens is then per turn.", None)
+    max_turns: int = doc("environment: the policy's turns per episode at most.", 4)
+    max_episode_tokens: int = doc(
+        "environment: tokens after the prompt per episode at most, the policy's and the "
+        "observations' (0: max_turns x max_new_tokens x 2).", 0)
+
+    @property
+    def response_tokens(self) -> int:
+        """The tokens after a prompt at most: a response's, or an episode's."""
+        if self.environment is None:
+            return self.max_new_tokens
+        return self.max_episode_tokens or self.max_turns * self.max_new_tokens * 2
+
     def __post_init__(self) -> None:
+        if self.environment is not None:
+            if self.max_turns < 1:
+                raise ConfigError(f"rollout.max_turns must be >= 1, got {self.max_turns}")
+            if self.max_episode_tokens < 0:
+                raise ConfigError("rollout.max_episode_tokens must be >= 0 (0: max_turns x "
+                                  f"max_new_tokens x 2), got {self.max_episode_tokens}")
+            if self.async_:
+                raise ConfigError("rollout.environment with rollout.async: episodes are "
+                                  "sampled by the trainer's engine only (not built for the "
+                                  "worker yet); set rollout.async false")
+            if self.server:
+                raise ConfigError("rollout.environment with rollout.server: not built yet; "
+                                  "use a colocated engine")
         if self.async_:
-            if self.engine not in ("lean", "hf"):
-                raise ConfigError(f"rollout.async needs rollout.engine lean or hf, got "
-                                  f"{self.engine} (a vLLM worker is not built yet)")
+            if self.server:
+                raise ConfigError("rollout.async with rollout.server: a rollout server "
+                                  "samples in a process of its own already; use one of them")
+            if self.engine == "vllm" and self.vllm_tensor_parallel_size != 1:
+                raise ConfigError("rollout.async: the worker's vLLM engine spans one device; "
+                                  "set rollout.vllm_tensor_parallel_size 1")
+            if self.engine == "vllm" and self.vllm_sleep:
+                raise ConfigError("rollout.vllm_sleep frees the GPU between rollouts, and an "
+                                  "async worker samples while the trainer trains: turn one "
+                                  "of them off")
             if self.max_staleness < 0:
                 raise ConfigError(f"rollout.max_staleness must be >= 0, got "
                                   f"{self.max_staleness}")
@@ -422,12 +460,16 @@ class RLTrainer(Trainer):
             self.critic = load_critic(path, init, m.dtype, self.device, m.trust_remote_code)
             self.critic.config.pad_token_id = self.tokenizer.pad_token_id
         base_dir = config.reward.base_dir
-        self.reward_fn = build_rewards(config.reward.terms, base_dir, str(self.device),
-                                       config.reward.on_error, config.reward.error_score)
+        # an environment's turn rewards may be the only ones: reward.terms then adds to them
+        self.reward_fn = (build_rewards(config.reward.terms, base_dir, str(self.device),
+                                        config.reward.on_error, config.reward.error_score)
+                          if config.reward.terms or not config.rollout.environment else None)
         self.gold_fn = (build_rewards([config.reward.gold], base_dir, str(self.device))
                         if config.reward.gold else None)
         self.kl_ctl = algos.make_kl_controller(a.kl_controller, a.kl_coef, a.kl_target,
                                                a.kl_horizon)
+        self.environment = (load_environment(config.rollout.environment)
+                            if config.rollout.environment else None)
         self._load_data(config)  # before the engine: vllm sizes itself by the longest prompt
         self.engine = self._build_engine(config.rollout)
         self._engine_step: int | None = None  # the step whose weights the engine has
@@ -454,13 +496,15 @@ class RLTrainer(Trainer):
         self.positions: list[dict[str, Any]] = []  # mean advantage by token position, per step
 
     def _build_engine(self, r: RolloutConfig) -> RolloutEngine:
+        if r.engine == "vllm" and r.async_:  # the worker's vLLM serves evaluation too
+            return WorkerEngine(self)
         if r.engine == "vllm":
             return self._build_vllm_engine(r)
         return build_engine(self.model, self.tokenizer, r.engine, r.dtype, r.compile,
                             self.run.precision)
 
     def _build_vllm_engine(self, r: RolloutConfig) -> RolloutEngine:
-        from posttrain.rollout.vllm_engine import VLLMEngine, default_max_model_len
+        from posttrain.rollout.vllm_engine import VLLMEngine
 
         config = unwrap_peft(self.model).config
         tok = self.tokenizer
@@ -469,15 +513,25 @@ class RLTrainer(Trainer):
 
             return RemoteVLLMEngine(r.server, config, tok.pad_token_id, tok.eos_token_id,
                                     decode=tok.decode, device=self.device)
+        options = self._vllm_options(r)
+        return VLLMEngine(options.pop("config"), tok.pad_token_id, tok.eos_token_id,
+                          decode=tok.decode, sleep=r.vllm_sleep,
+                          tensor_parallel_size=r.vllm_tensor_parallel_size, device=self.device,
+                          **options)
+
+    def _vllm_options(self, r: RolloutConfig) -> dict[str, Any]:
+        """What a vLLM engine is built with, here or in the async worker: the policy's config
+        (vLLM builds the model from it), its dtype, length, seed and memory."""
+        from posttrain.rollout.vllm_engine import default_max_model_len
+
         length = r.vllm_max_model_len or default_max_model_len(
-            (len(ids) for ids, _ in [*self.train_items, *self.eval_items]), r.max_new_tokens)
+            (len(ids) for ids, _ in [*self.train_items, *self.eval_items]), r.response_tokens)
         policy_dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
-        return VLLMEngine(config, tok.pad_token_id, tok.eos_token_id, decode=tok.decode,
-                          dtype=r.dtype if r.dtype != "auto" else policy_dtype,
-                          max_model_len=length, seed=self.run.seed,
-                          gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-                          sleep=r.vllm_sleep, tensor_parallel_size=r.vllm_tensor_parallel_size,
-                          cpu_kv_cache_gib=r.vllm_cpu_kv_cache_gib, device=self.device)
+        return {"config": unwrap_peft(self.model).config,
+                "dtype": r.dtype if r.dtype != "auto" else policy_dtype,
+                "max_model_len": length, "seed": self.run.seed,
+                "gpu_memory_utilization": r.vllm_gpu_memory_utilization,
+                "cpu_kv_cache_gib": r.vllm_cpu_kv_cache_gib}
 
     def _load_data(self, config: RLConfig) -> None:
         d = config.data
@@ -489,13 +543,15 @@ class RLTrainer(Trainer):
         else:
             held = []
         limit = d.sequence_limit(self.model, self.tokenizer)
-        new = config.rollout.max_new_tokens
+        new = config.rollout.response_tokens
+        knob = ("rollout.max_new_tokens" if config.rollout.environment is None
+                else "rollout.max_episode_tokens (or max_turns x max_new_tokens x 2)")
         if limit is not None and new >= limit:
             source = ("data.max_sequence_tokens" if d.max_sequence_tokens is not None
                       else "the model's maximum positions")
             raise ConfigError(
-                f"rollout.max_new_tokens ({new}) leaves no room for a prompt within {limit} "
-                f"tokens ({source}); lower rollout.max_new_tokens")
+                f"{knob} ({new}) leaves no room for a prompt within {limit} tokens ({source}); "
+                "lower it")
         # a prompt gets what the response's max_new_tokens leave of the sequence limit
         self.train_items, held_items = tokenize_train_eval(
             tokenize_prompts, train, held, self.tokenizer, d, self.model, response_tokens=new)
@@ -696,10 +752,20 @@ class RLTrainer(Trainer):
         """Serve `request` with this process's engine, from the current weights."""
         self.sync_engine()
         with self.autocast():
-            exp = self.engine.generate(request.prompt_ids, request.sampling,
-                                       prompts=request.prompts, meta=request.meta,
-                                       seeds=request.seeds)
+            exp = self._engine_generate(request.prompt_ids, request.sampling, request.prompts,
+                                        request.meta, request.seeds)
         return self._sampled(exp, request, self.step)
+
+    def _engine_generate(self, prompt_ids, sampling: SamplingConfig, prompts, meta,
+                         seeds=None) -> Experience:
+        """Responses from the engine, or multi-turn episodes with rollout.environment."""
+        if self.environment is None:
+            return self.engine.generate(prompt_ids, sampling, prompts=prompts, meta=meta,
+                                        seeds=seeds)
+        r = self.config.rollout
+        return run_episodes(self.engine, self.tokenizer, self.environment, prompt_ids,
+                            sampling, EpisodeLimits(r.max_turns, r.response_tokens),
+                            prompts=prompts, meta=meta, seeds=seeds).to(self.device)
 
     def _request(self, step: int, round_: int, prompts: list[tuple[list[int], Example]],
                  seed: int, indices: Sequence[int] | None) -> Request:
@@ -731,11 +797,22 @@ class RLTrainer(Trainer):
                            old_logp=exp.old_logp if self.reuse_old_logprobs and fresh else None)
 
     def rewards(self, exp: Experience) -> tuple[Tensor, Metrics]:
-        result = self.reward_fn.score(list(exp.prompts), list(exp.texts),
-                                      completion_ids=_completion_ids(exp), **exp.meta)
-        metrics = {f"reward/{k}": sum(v) / len(v) for k, v in result.terms.items()}
-        metrics.update({f"reward/{k}_errors": float(v) for k, v in result.errors.items() if v})
-        return torch.tensor(result.total, dtype=torch.float32, device=self.device), metrics
+        """Each response's reward: the reward terms' sum, plus, for multi-turn episodes, the
+        environment's turn rewards (an environment may be the only reward)."""
+        total = torch.zeros(len(exp), device=self.device)
+        metrics: Metrics = {}
+        if exp.token_scores is not None:
+            total = exp.token_scores.sum(-1).float().to(self.device)
+            metrics.update(episode_metrics(exp, "episode/"))
+        if self.reward_fn is not None:
+            meta = {k: v for k, v in exp.meta.items() if k not in EPISODE_COLUMNS}
+            result = self.reward_fn.score(list(exp.prompts), list(exp.texts),
+                                          completion_ids=_completion_ids(exp), **meta)
+            metrics.update({f"reward/{k}": sum(v) / len(v) for k, v in result.terms.items()})
+            metrics.update({f"reward/{k}_errors": float(v)
+                            for k, v in result.errors.items() if v})
+            total = total + torch.tensor(result.total, dtype=torch.float32, device=self.device)
+        return total, metrics
 
     def collect(self) -> tuple[Experience, Metrics]:
         """Rollout and score this rank's share of the step's prompts. With dynamic sampling
@@ -841,7 +918,8 @@ class RLTrainer(Trainer):
             spec = WorkerSpec(m.path, m.tokenizer_path, str(m.dtype), m.trust_remote_code,
                               m.chat_template, r.engine, r.dtype, r.compile,
                               self.run.precision, device,
-                              r.worker_threads or torch.get_num_threads())
+                              r.worker_threads or torch.get_num_threads(),
+                              self._vllm_options(r) if r.engine == "vllm" else None)
             self.worker = RolloutWorker(spec, hf_named_weights(self.model), r.worker_timeout)
             self.worker.publish(hf_named_weights(self.model), self.step)
             for result in self._restored_in_flight:  # batches a checkpoint kept
@@ -969,8 +1047,9 @@ class RLTrainer(Trainer):
         scores = exp.scores.clone()
         mask = exp.response_mask
         if a.overlong == "penalty":
-            # DAPO soft overlong punishment in tokens: L_max = max_new_tokens.
-            l_max, cache = self.config.rollout.max_new_tokens, a.overlong_cache
+            # DAPO soft overlong punishment in tokens: L_max = max_new_tokens (an episode's
+            # token limit for multi-turn episodes, which count the policy's tokens)
+            l_max, cache = self.config.rollout.response_tokens, a.overlong_cache
             lengths = exp.response_lengths.float()
             over = ((lengths - (l_max - cache)) / cache).clamp(min=0.0, max=1.0)
             scores = scores - a.overlong_penalty * over
@@ -981,12 +1060,18 @@ class RLTrainer(Trainer):
         if a.reward_whiten:  # statistics of the whole batch, over every rank
             scores = algos.masked_whiten(scores, torch.ones_like(scores), shift_mean=False,
                                          reduce=self._reduce)
+        turns = torch.zeros_like(exp.old_logp)
+        if exp.token_scores is not None:
+            # an episode's turn rewards stay at their turns' last tokens; what shaping changed
+            # of their sum (clip, whitening, the overlong penalty) goes to the last token
+            turns = torch.where(mask, exp.token_scores.to(turns.dtype), 0.0)
+            scores = scores - turns.sum(-1)
         if a.kl_placement == "reward":
             kl = kl_estimate(exp.old_logp, exp.ref_logp, "k1")
-            token_rewards = algos.kl_penalized_rewards(scores, kl, mask, self.kl_ctl.value)
+            token_rewards = turns + algos.kl_penalized_rewards(scores, kl, mask,
+                                                               self.kl_ctl.value)
         else:
-            token_rewards = algos.add_score_at_last_token(torch.zeros_like(exp.old_logp),
-                                                          scores, mask)
+            token_rewards = algos.add_score_at_last_token(turns, scores, mask)
         return exp.replace(response_mask=mask, token_rewards=token_rewards)
 
     @property
@@ -1054,7 +1139,7 @@ class RLTrainer(Trainer):
         c = self.dist.all_reduce_sum(torch.stack([x.float().to(self.device) for x in local]))
         c = c.tolist()
         return StepCounts(tokens=max(c[0], 1.0), seqs=max(c[1], 1.0), rows=max(c[2], 1.0),
-                          norm_len=self.config.rollout.max_new_tokens,
+                          norm_len=self.config.rollout.response_tokens,
                           positive_tokens=max(c[3], 1.0) if len(c) > 3 else 1.0)
 
     def positive_mask(self, batch: Experience) -> Tensor:
@@ -1244,9 +1329,12 @@ class RLTrainer(Trainer):
             return
         with (self.run_dir / "samples.jsonl").open("a") as f:
             for i in range(min(k, len(exp))):
-                f.write(json.dumps({"step": self.step + 1, "prompt": exp.prompts[i],
-                                    "response": exp.texts[i],
-                                    "reward": float(exp.scores[i])}) + "\n")
+                row = {"step": self.step + 1, "prompt": exp.prompts[i],
+                       "response": exp.texts[i], "reward": float(exp.scores[i])}
+                if "episode" in exp.meta:  # turn by turn, with each turn's reward
+                    row["turns"] = exp.meta["episode"][i]
+                    row["turn_rewards"] = exp.meta["episode_stats"][i]["turn_rewards"]
+                f.write(json.dumps(row) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> Metrics:
@@ -1278,15 +1366,18 @@ class RLTrainer(Trainer):
 
     def _eval_with(self, sampling: SamplingConfig, suffix: str) -> Metrics:
         self.sync_engine()
-        exp = self.engine.generate([ids for ids, _ in self.eval_items], sampling,
-                                   prompts=[ex.prompt for _, ex in self.eval_items],
-                                   meta=_columns([ex for _, ex in self.eval_items]))
+        exp = self._engine_generate([ids for ids, _ in self.eval_items], sampling,
+                                    [ex.prompt for _, ex in self.eval_items],
+                                    _columns([ex for _, ex in self.eval_items]))
         prompts, texts = list(exp.prompts), list(exp.texts)
-        scores = self.reward_fn.score(prompts, texts, **exp.meta).total
-        out = {f"eval/reward{suffix}": sum(scores) / len(scores),
+        scores, _ = self.rewards(exp)
+        out = {f"eval/reward{suffix}": float(scores.mean()),
                f"eval/response_length{suffix}": float(exp.response_lengths.float().mean())}
+        if exp.token_scores is not None:
+            out.update(episode_metrics(exp, "eval/episode_", suffix))
+        meta = {k: v for k, v in exp.meta.items() if k not in EPISODE_COLUMNS}
         if self.gold_fn is not None:
-            gold = self.gold_fn.score(prompts, texts, **exp.meta).total
+            gold = self.gold_fn.score(prompts, texts, **meta).total
             out[f"eval/gold{suffix}"] = sum(gold) / len(gold)
         return out
 
@@ -1302,6 +1393,51 @@ def value_plateau(history: Sequence[tuple[float, float]], patience: int,
         best_ev, best_loss = max(best_ev, ev), min(best_loss, loss)
         stale = 0 if improved else stale + 1
     return stale >= patience
+
+
+class WorkerEngine:
+    """The trainer's engine when the async worker samples with vLLM: evaluation (and value
+    pretraining's sampling) run on the worker too, from the weights of the trainer's current
+    step, so the trainer's device holds no second vLLM engine."""
+
+    model = None  # nothing on the trainer's device
+    weight_names = "hf"
+
+    def __init__(self, trainer: RLTrainer) -> None:
+        self.trainer = trainer
+        self._calls = 0
+
+    def update_weights(self, named_tensors: Any) -> None:
+        """Nothing to do: the trainer publishes its weights to the worker after every step."""
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 prompts: Sequence[Any] = (), meta: dict[str, list[Any]] | None = None,
+                 seeds: Sequence[int] | None = None) -> Experience:
+        trainer = self.trainer
+        worker = trainer._ensure_worker()
+        self._calls += 1  # a round of its own, below 0, beside the training batches'
+        request = Request(trainer.step, -self._calls, [list(p) for p in prompt_ids],
+                          list(prompts), dict(meta or {}), sampling,
+                          list(seeds) if seeds is not None else None, version=trainer.step,
+                          indices=list(range(len(prompt_ids))))
+        waited = worker.wait_seconds  # async/trainer_wait_seconds counts training batches
+        worker.request(request)
+        exp = worker.result(request.step, request.round).exp
+        worker.wait_seconds = waited
+        return exp.to(trainer.device)
+
+
+EPISODE_COLUMNS = ("episode", "episode_stats")  # what run_episodes adds to a batch's columns
+
+
+def episode_metrics(exp: Experience, prefix: str, suffix: str = "") -> Metrics:
+    """Multi-turn episodes: mean policy turns, tool calls and errors, and how many ended by
+    a limit rather than by the environment."""
+    stats = exp.meta["episode_stats"]
+    out = {f"{prefix}{k}{suffix}": sum(s[k] for s in stats) / len(stats)
+           for k in ("turns", "tool_calls", "tool_errors")}
+    out[f"{prefix}truncated{suffix}"] = float(exp.truncated.float().mean())
+    return out
 
 
 def _columns(examples: Sequence[Example]) -> dict[str, list[Any]]:

@@ -146,3 +146,14 @@ def test_async_rollouts_under_ddp(stages, tmp_path):
     assert_same_weights(out / "sync" / "final", out / "k0" / "final", atol=0.0)
     assert losses(out / "k0", "loss/policy") == losses(out / "sync", "loss/policy")
     assert losses(out / "k0", "async/staleness") == [0.0, 0.0, 0.0]
+
+
+def test_episodes_two_processes_equal_one(stages, tmp_path):
+    # multi-turn episodes: each rank plays its share of the prompts' episodes, seeded by the
+    # prompts' positions, so the two runs see the same episodes
+    env = f"{os.path.dirname(__file__)}/trainers/user_envs.py:SecondTry"
+    compare(["rl", "--preset", "grpo", *RL, "--rollout.environment", env,
+             "--rollout.max_turns", "2", "--reward.terms", "[]"], "episodes", "loss/policy",
+            tmp_path, stages)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "episodes2" / "metrics.jsonl").open()]
+    assert all(1 <= r["episode/turns"] <= 2 for r in rows if "episode/turns" in r)

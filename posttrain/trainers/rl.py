@@ -545,13 +545,14 @@ class RLTrainer(Trainer):
         limit = d.sequence_limit(self.model, self.tokenizer)
         new = config.rollout.response_tokens
         knob = ("rollout.max_new_tokens" if config.rollout.environment is None
-                else "rollout.max_episode_tokens (or max_turns x max_new_tokens x 2)")
+                else "rollout.max_episode_tokens")
         if limit is not None and new >= limit:
             source = ("data.max_sequence_tokens" if d.max_sequence_tokens is not None
                       else "the model's maximum positions")
             raise ConfigError(
                 f"{knob} ({new}) leaves no room for a prompt within {limit} tokens ({source}); "
-                "lower it")
+                f"lower {knob}" + ("" if config.rollout.environment is None else
+                                   " (0 means max_turns x max_new_tokens x 2)"))
         # a prompt gets what the response's max_new_tokens leave of the sequence limit
         self.train_items, held_items = tokenize_train_eval(
             tokenize_prompts, train, held, self.tokenizer, d, self.model, response_tokens=new)

@@ -23,7 +23,7 @@ from typing import Any
 
 from posttrain.data.formats import validate_record
 from posttrain.errors import ConfigError
-from posttrain.tasks import arithmetic, preference
+from posttrain.tasks import arithmetic, multiturn, preference
 from posttrain.tasks.tiny import DEFAULT_CHARSET
 
 Builder = Callable[[Path, int, Any], dict[str, list[dict[str, str]]]]
@@ -44,6 +44,9 @@ class Task:
     reward: Mapping[str, Any]
     """The reward function suggested for RL, as a spec for `posttrain.rewards` (task.json)."""
     build: Builder
+    environment: str | None = None
+    """Multi-turn tasks: the environment class for RL (`rollout.environment`), whose turn
+    rewards replace `reward` (task.json)."""
 
     def config(self, **options: Any) -> Any:
         """The task's options, validated; an unknown name is an error naming the closest."""
@@ -109,6 +112,8 @@ class Task:
             "reward": dict(self.reward),
             "model": model_info,
         }
+        if self.environment is not None:
+            description["environment"] = self.environment
         (out / "task.json").write_text(json.dumps(description, indent=2) + "\n")
         return out
 
@@ -122,7 +127,12 @@ def _write_jsonl(path: Path, records: list[dict[str, str]]) -> None:
 def _check_charset(name: str, records: Mapping[str, list[dict[str, str]]]) -> None:
     # A character outside the tokenizer's charset would become <unk>, and the model could
     # neither read nor write it; catch that here rather than as a silent accuracy ceiling.
-    used = {c for rs in records.values() for r in rs for v in r.values() for c in str(v)}
+    def texts(value):  # a message list's contents, not its keys and brackets
+        if isinstance(value, list):
+            return "".join(m["content"] for m in value)
+        return str(value)
+
+    used = {c for rs in records.values() for r in rs for v in r.values() for c in texts(v)}
     missing = sorted(used - set(DEFAULT_CHARSET))
     if missing:
         raise ConfigError(
@@ -237,3 +247,26 @@ def make_task(
 ) -> Path:
     """Write task `name` into `out_dir` (see `Task.make`); returns `out_dir`."""
     return get_task(name).make(out_dir, seed=seed, model=model, **options)
+
+_MULTITURN_FILES = {"sft_train": "messages", "sft_eval": "messages", "rl_train": "prompt",
+                    "rl_eval": "prompt"}
+register_task(Task(
+    name="calculator",
+    description="two-digit products (37*48) with a calc tool; the SFT demonstrator guesses "
+    "60% of the time and miscopies the tool's result 15% of the rest (multi-turn)",
+    config_cls=multiturn.CalculatorConfig,
+    files=_MULTITURN_FILES,
+    reward={},
+    build=lambda out, seed, config: multiturn.build_calculator(seed, config),
+    environment="posttrain.tasks.multiturn:CalculatorEnv",
+))
+register_task(Task(
+    name="guess",
+    description="find a number in 1..16 from higher/lower feedback; fewer turns score more; "
+    "the SFT demonstrator guesses at random within the interval left (multi-turn)",
+    config_cls=multiturn.GuessConfig,
+    files=_MULTITURN_FILES,
+    reward={},
+    build=lambda out, seed, config: multiturn.build_guess(seed, config),
+    environment="posttrain.tasks.multiturn:GuessEnv",
+))

@@ -17,12 +17,14 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 DEFAULT_CHARSET = string.digits + string.ascii_lowercase + " +-*=#;,.:?!()"
 
 # Roles become one token each; the assistant's turn ends with EOS, which is what generation
-# stops on. `add_generation_prompt` opens the assistant turn.
+# stops on. `add_generation_prompt` opens the assistant turn. A tool's result is a user turn
+# that starts with "=" (the vocabulary has no tool role: the tasks' models stay as they were).
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
     "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}<|user|>={{ m['content'] }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )

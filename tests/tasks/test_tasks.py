@@ -38,7 +38,8 @@ from posttrain.tasks.preference import (
 )
 
 NAMES = ("arithmetic", "arithmetic_cot", "arithmetic_cot_free", "preference")
-ALL_NAMES = ", ".join(NAMES)  # as an error lists them
+MULTITURN = ("calculator", "guess")  # their data and environments: test_multiturn.py
+ALL_NAMES = ", ".join(NAMES + MULTITURN)  # as an error lists them
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -384,8 +385,8 @@ def test_sft_demonstrations_are_not_gold_optimal(made):
 
 
 def test_registry():
-    assert list_tasks() == list(NAMES)
-    for name in NAMES:
+    assert list_tasks() == list(NAMES + MULTITURN)
+    for name in NAMES + MULTITURN:
         task = TASKS[name]
         assert task.name == name and task.description and "\n" not in task.description
     assert TASKS["arithmetic"].reward == {"name": "exact_match", "column": "answer"}
@@ -411,7 +412,7 @@ def test_registry_errors(tmp_path):
 def test_cli_tasks_list(capsys):
     assert main(["tasks", "list"]) == 0
     out = capsys.readouterr().out
-    for name in NAMES:
+    for name in NAMES + MULTITURN:
         assert re.search(rf"^{name}\s+\S", out, re.MULTILINE)
 
 

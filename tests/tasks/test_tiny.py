@@ -36,7 +36,8 @@ def all_texts(out) -> list[str]:
     texts = []
     for f in info["files"].values():
         for line in (out / f["path"]).read_text().splitlines():
-            texts += [v for v in json.loads(line).values() if isinstance(v, str)]
+            for v in json.loads(line).values():  # strings, and the contents of messages
+                texts += [v] if isinstance(v, str) else [m["content"] for m in v]
     return texts
 
 
@@ -73,6 +74,11 @@ def test_special_ids_and_chat_template(tokenizer, model):
         tokenize=False,
     )
     assert full == "<|user|>7+5=<|assistant|>7+5=12;#12<eos>"
+    # A tool's result is a user turn starting with "=" (no tool role in the vocabulary).
+    tool = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "37*48"}, {"role": "assistant", "content": "calc(37*48)"},
+         {"role": "tool", "content": "1776"}], tokenize=False, add_generation_prompt=True)
+    assert tool == "<|user|>37*48<|assistant|>calc(37*48)<eos><|user|>=1776<|assistant|>"
     # The role markers are single tokens, not spelled out character by character.
     assert len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) == 2 + 4
 

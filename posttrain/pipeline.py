@@ -34,6 +34,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "arithmetic_cot": {"sft_steps": 1500, "max_new_tokens": 40, "sft_lr": 3e-3},
     "arithmetic_cot_free": {"sft_steps": 1500, "max_new_tokens": 40, "sft_lr": 3e-3},
     "preference": {"sft_steps": 200, "max_new_tokens": 14, "sft_lr": 3e-3},
+    # multi-turn: max_new_tokens per turn (calc(37*48) and #1776 fit 14), max_turns per episode
+    "calculator": {"sft_steps": 1500, "max_new_tokens": 14, "sft_lr": 3e-3, "max_turns": 3},
+    "guess": {"sft_steps": 1000, "max_new_tokens": 4, "sft_lr": 3e-3, "max_turns": 6},
 }
 
 
@@ -180,8 +183,11 @@ def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
         rm = ensure_rm(task_dir)
         reward["terms"] = [{"name": "reward_model", "path": str(rm)}]
         reward["gold"] = info["reward"]
+    elif info.get("environment"):  # multi-turn: the environment's turn rewards
+        reward["terms"] = []
     else:
         reward["terms"] = [info["reward"]]
+    if info["name"] != "preference":
         if preset.get("algo", {}).get("critic_init", "reward_model") == "reward_model":
             algo["critic_init"] = "policy"  # rule rewards: there is no reward model
     if preset.get("algo", {}).get("lambda_schedule") == "length_adaptive":
@@ -205,7 +211,9 @@ def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
         "data": {"train": _file(task_dir, "rl_train"), "eval": _file(task_dir, "rl_eval")},
         "reward": reward,
         "algo": algo,
-        "rollout": {"max_new_tokens": d["max_new_tokens"]},
+        "rollout": {"max_new_tokens": d["max_new_tokens"],
+                    **({"environment": info["environment"], "max_turns": d["max_turns"]}
+                       if info.get("environment") else {})},
         # measured on arithmetic: lr 1e-4 raises sampled accuracy without eroding greedy;
         # the tiny critic needs a larger rate than the policy to fit in 50 steps
         "optim": {"lr": 1e-4},

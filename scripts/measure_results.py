@@ -1,7 +1,7 @@
 """Reproduce the numbers in docs/results.md.
 
     .venv/bin/python scripts/measure_results.py [trainers] [rl] [cot] [preference_ppo]
-        [value_bias] [cot_plots] [kl_sweep] [length] [--out DIR] [--seeds 0,1,2]
+        [value_bias] [cot_plots] [kl_sweep] [length] [multiturn] [--out DIR] [--seeds 0,1,2]
         [--presets grpo,...]
 
 Runs the `posttrain` commands shown in docs/results.md one after another (never in parallel:
@@ -565,11 +565,49 @@ def advantage_band(steps: list[dict], lo: int, hi: int) -> float:
     return total / max(weight, 1)
 
 
+def multiturn(workdir: Path, seeds: list[int]) -> None:
+    """The multi-turn tasks (issue 18) with GRPO, once per seed: `calculator` (held-out
+    greedy and sampled success, tool calls per episode) and `guess` (policy turns per
+    episode, success)."""
+    steps = {"calculator": 100, "guess": 100}
+    out: dict[str, list[dict]] = {t: [] for t in steps}
+    for seed in seeds:
+        d = seed_dir(workdir, "multiturn", seed, tuple(steps))
+        for task, n in steps.items():
+            sft_stage(d, task)
+            wall = run(["rl", "--preset", "grpo", "--task", task, "--run.seed", str(seed),
+                        "--run.steps", str(n), "--run.eval_every", "25", "--eval.prompts",
+                        "200", "--run.name", f"rl-{task}", "--run.overwrite", "true"], d)
+            rows = metrics(d / "runs" / f"rl-{task}")
+            out[task].append({k: first_last(rows, k) for k in (
+                "eval/reward", "eval/reward_sampled", "eval/episode_turns",
+                "eval/episode_turns_sampled", "eval/episode_tool_calls",
+                "eval/episode_tool_calls_sampled")} | {"wall": wall})
+    print(f"\nseeds {', '.join(map(str, seeds))}; GRPO, {steps['calculator']} steps; "
+          "held-out prompts (200), greedy and sampled (4 per prompt)\n")
+    print("| task | measure | SFT start | after RL | wall time |")
+    print("|---|---|---|---|---|")
+    rows_of = {"calculator": [("success, greedy", "eval/reward"),
+                              ("success, sampled", "eval/reward_sampled"),
+                              ("tool calls per episode, sampled",
+                               "eval/episode_tool_calls_sampled")],
+               "guess": [("policy turns per episode, greedy", "eval/episode_turns"),
+                         ("policy turns per episode, sampled", "eval/episode_turns_sampled"),
+                         ("reward (1 - (turns - 1)/6 when found), sampled",
+                          "eval/reward_sampled")]}
+    for task, measures in rows_of.items():
+        rs = out[task]
+        for i, (label, key) in enumerate(measures):
+            wall = f"{sum(r['wall'] for r in rs) / len(rs):.0f} s" if i == 0 else ""
+            print(f"| {task} | {label} | {mean_sd([r[key][0] for r in rs])} | "
+                  f"{mean_sd([r[key][1] for r in rs])} | {wall} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = {"trainers": trainers, "rl": rl, "cot": cot, "preference_ppo": preference_ppo,
                 "value_bias": value_bias, "cot_plots": cot_plots, "kl_sweep": kl_sweep,
-                "length": length}
+                "length": length, "multiturn": multiturn}
     parser.add_argument("sections", nargs="*", default=list(sections), choices=list(sections))
     parser.add_argument("--out", default="/tmp/posttrain-results")
     parser.add_argument("--seeds", default="0,1,2",

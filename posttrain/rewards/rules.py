@@ -6,7 +6,8 @@ Every rule is a frozen dataclass called like any reward function,
 
 where `columns` are the dataset's other columns (e.g. `answer`) as lists aligned with
 `responses`. A rule reads only the columns it names in `required_columns` and ignores the rest,
-so one dataset can feed several rules. Rules are plain Python on strings: no torch, no models.
+so one dataset can feed several rules. Rules are plain Python on strings: no torch, no models
+(`MathVerify` uses the optional math-verify package, imported only when it is built).
 
 Build them directly (`ExactMatch(extract=r"\\boxed{(.*?)}")`) or by name from a config
 (`make_rule_reward("exact_match", extract=...)`); combine them with `WeightedSum` and call them
@@ -20,8 +21,10 @@ import difflib
 import math
 import numbers
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, ClassVar
 
 from posttrain.errors import ConfigError, RewardError
@@ -348,6 +351,228 @@ class LengthPenalty:
         return scores
 
 
+# --- math answers through math-verify (optional) -----------------------------------------------
+
+MATH_EXTRACT = ("boxed", "latex", "expr")
+"""The ways `MathVerify` can read an answer from a response (see `MathVerify.extract`)."""
+
+_MATH_EXTRA = "pip install 'posttrain[math]'"
+# A delimiter that marks a reference answer as LaTeX text already: an unescaped $, \( or \[,
+# or a \boxed{}. Anything else is the bare answer and is read as if it were boxed.
+_MATH_DELIMITED = re.compile(r"(?<!\\)\$|\\\(|\\\[|\\boxed")
+# A plain number with an exponent: math-verify reads "1e-3" as the expression 1·e − 3.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def _math_verify() -> Any:
+    """The math_verify module, or a one-line ConfigError naming the extra to install."""
+    try:
+        import math_verify
+    except ImportError:
+        raise ConfigError(
+            f"MathVerify needs the math-verify package, which is not installed: {_MATH_EXTRA}"
+        ) from None
+    return math_verify
+
+
+def _decimal_text(text: str) -> str:
+    """A number in positional notation: "1e-3" -> "0.001", "2.5E2" -> "250"."""
+    return format(Decimal(text), "f")
+
+
+@dataclass(frozen=True)
+class MathVerify:
+    r"""`score` when the response's final answer equals the reference answer mathematically.
+
+    Uses Hugging Face's math-verify (`pip install 'posttrain[math]'`): the answer is read from
+    the response (`\boxed{}`, LaTeX, plain numbers, as `extract` says), both sides are parsed
+    into SymPy and compared as numbers, expressions, sets, intervals, equations or matrices, so
+    `\boxed{\frac{1}{2}}` matches 0.5, `2\sqrt{2}` matches `\sqrt{8}`, `1/2` matches `\frac12`.
+    Numbers are compared after rounding to 6 decimals: 1/3 matches 0.333333 but not 0.33.
+
+    The reference answer (`column`) is the bare answer ("0.5", r"\frac12", "(1, 2]", 42),
+    read as if it were written `\boxed{...}`, or LaTeX text with its delimiters (`$...$`,
+    `\(...\)`, `\boxed{}`), from which the final answer is read as from a response (a MATH
+    solution, for instance).
+
+    A response in which no answer can be read and parsed, or whose parse or comparison runs
+    out of `timeout`, raises `RewardError`, as does a reference answer that is missing or
+    cannot be parsed: `reward.on_error` then decides (stop the run, or score the sample
+    `error_score` and count it). math-verify's reading, worth knowing:
+    - several bare `\boxed{}` in one response are read together as a set: "\boxed{12} ... no,
+      \boxed{14}" is {12, 14}, which matches neither 12 nor 14;
+    - an answer after "answer" or "final answer is" comes before the last number: "The answer
+      is 12. Actually 14." reads 12;
+    - a percentage matches both its value and its number: `50\%` matches 0.5 and 50;
+    - words become products of symbols: `\boxed{Evelyn}` matches "Evelyn" but not "evelyn";
+      `\text{Evelyn}` is read in lowercase.
+    """
+
+    column: str = "answer"
+    """The column that holds the reference answer."""
+    extract: tuple[str, ...] | str = ("latex", "expr")
+    r"""How the answer is read from a response, one or more of:
+    - "latex": LaTeX math: $...$, \(...\), \[...\], \boxed{...}, \frac{a}{b};
+    - "boxed": LaTeX in \boxed{} or after "answer" / "final answer is" only (not with "latex");
+    - "expr": plain numbers and arithmetic ("42", "1,250", "1/2", "15%").
+    Whatever the ways, math-verify looks first for an answer after "final answer is" or in
+    \boxed{} ("boxed" puts \boxed{} alone first), then for one after "answer", then for any
+    ("boxed" reads no other LaTeX); among equals the last in the response wins, and the first
+    that parses is the answer."""
+    timeout: int | None = 5
+    r"""Seconds allowed for parsing a response, and again for the comparison (math-verify's
+    own limit, set with SIGALRM, so it works in the main thread only); None: no limit, in any
+    thread, but an answer like \boxed{9^{9^{9^{9}}}} then never finishes."""
+    score: float = 1.0
+    """The score of a match (a wrong answer scores 0)."""
+
+    def __post_init__(self) -> None:
+        _check_column("MathVerify", self.column)
+        extract = (self.extract,) if isinstance(self.extract, str) else self.extract
+        if not isinstance(extract, (tuple, list)) or not extract:
+            raise ConfigError(
+                f"MathVerify: extract must be one or more of {', '.join(MATH_EXTRACT)}, "
+                f"got {self.extract!r}"
+            )
+        for way in extract:
+            if way not in MATH_EXTRACT:
+                close = difflib.get_close_matches(str(way), MATH_EXTRACT, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    f"MathVerify: extract {way!r} is unknown{hint}; use one or more of "
+                    f"{', '.join(MATH_EXTRACT)}"
+                )
+        if len(set(extract)) != len(extract):
+            raise ConfigError(f"MathVerify: extract {list(extract)!r} names a way twice")
+        if "boxed" in extract and "latex" in extract:
+            raise ConfigError(
+                "MathVerify: extract has both 'boxed' and 'latex'; 'latex' already reads "
+                r"\boxed{} answers, 'boxed' reads only those: choose one"
+            )
+        _set(self, "extract", tuple(extract))
+        if self.timeout is not None and (
+            isinstance(self.timeout, bool) or not isinstance(self.timeout, int)
+            or self.timeout <= 0
+        ):
+            raise ConfigError(
+                f"MathVerify: timeout must be a positive whole number of seconds or null (no "
+                f"limit), got {self.timeout!r}"
+            )
+        _check_real("MathVerify", "score", self.score)
+        _math_verify()  # fail at build time, not at the first batch
+
+    @property
+    def required_columns(self) -> tuple[str, ...]:
+        """The columns this rule reads (checked before it is called)."""
+        return (self.column,)
+
+    def __call__(
+        self, prompts: Sequence[Prompt], responses: Sequence[str], **columns: Sequence[Any]
+    ) -> list[float]:
+        answers = _column("MathVerify", columns, self.column, len(responses))
+        if self.timeout is not None and threading.current_thread() is not threading.main_thread():
+            raise RewardError(
+                f"MathVerify: timeout={self.timeout} works in the main thread only (math-verify "
+                "times out with SIGALRM), and this call runs in another thread; call the reward "
+                "from the main thread, or set timeout: null to run without a time limit"
+            )
+        mv = _math_verify()
+        configs = {
+            "latex": mv.LatexExtractionConfig(),
+            "boxed": mv.LatexExtractionConfig(boxed_match_priority=0,
+                                              try_extract_without_anchor=False),
+            "expr": mv.ExprExtractionConfig(),
+        }
+        read_response = [configs[way] for way in self.extract]
+        read_gold = [configs["latex"], configs["expr"]]
+        golds: dict[str, Any] = {}  # each prompt's answer repeats once per sample: parse it once
+        scores = []
+        for response, answer in zip(responses, answers, strict=True):
+            text = self._gold_text(answer)
+            if text not in golds:
+                gold = self._parse(mv, text, read_gold)
+                if gold is None:
+                    raise RewardError(
+                        f"MathVerify: math-verify cannot parse the {self.column!r} value "
+                        f"{answer!r:.80}; give the reference answer as a number or LaTeX "
+                        r"(e.g. 0.5, \frac{1}{2}, (1, 2])"
+                    )
+                golds[text] = gold
+            found = self._parse(mv, response, read_response)
+            if found is None:
+                raise RewardError(
+                    f"MathVerify: no answer it can parse in the response (extract: "
+                    f"{', '.join(self.extract)})"
+                )
+            scores.append(float(self.score) if self._equal(mv, golds[text], found) else 0.0)
+        return scores
+
+    def _gold_text(self, answer: object) -> str:
+        """The reference answer as text that math-verify parses as the answer itself."""
+        if answer is None:
+            raise RewardError(
+                f"MathVerify: a {self.column!r} value is missing (None); give every record a "
+                "reference answer"
+            )
+        if isinstance(answer, numbers.Real) and not isinstance(answer, bool):
+            if not math.isfinite(answer):
+                raise RewardError(
+                    f"MathVerify: the {self.column!r} value {answer!r} is not a finite number"
+                )
+            text = str(answer) if isinstance(answer, numbers.Integral) else repr(float(answer))
+        elif isinstance(answer, str):
+            text = answer.strip()
+        else:
+            raise RewardError(
+                f"MathVerify: the {self.column!r} value {answer!r:.80} is a "
+                f"{type(answer).__name__}; give the reference answer as a string or a number"
+            )
+        if _EXPONENT_NUMBER.fullmatch(text):
+            if abs(Decimal(text).adjusted()) > 400:  # written out, "1e999999999" fills memory
+                raise RewardError(
+                    f"MathVerify: the {self.column!r} value {answer!r} is too large or too small "
+                    "a number to compare"
+                )
+            text = _decimal_text(text)
+        if not text:
+            raise RewardError(f"MathVerify: a {self.column!r} value is empty")
+        return text if _MATH_DELIMITED.search(text) else f"\\boxed{{{text}}}"
+
+    def _parse(self, mv: Any, text: str, configs: list[Any]) -> Any:
+        """The one answer math-verify reads from `text`, or None when it reads none."""
+        from math_verify.errors import TimeoutException
+
+        try:
+            # no_fallback: an answer that does not parse is no answer, not a string to compare
+            found = mv.parse(text, extraction_config=configs, fallback_mode="no_fallback",
+                             parsing_timeout=self.timeout, raise_on_error=True)
+        except TimeoutException:  # a BaseException: it would escape reward.on_error
+            raise RewardError(
+                f"MathVerify: parsing took longer than timeout={self.timeout}s"
+            ) from None
+        except Exception as err:
+            raise RewardError(
+                f"MathVerify: math-verify failed to parse: {type(err).__name__}: {err}"
+            ) from err
+        return found[0] if found else None
+
+    def _equal(self, mv: Any, gold: Any, found: Any) -> bool:
+        from math_verify.errors import TimeoutException
+
+        try:
+            return bool(mv.verify(gold, found, timeout_seconds=self.timeout,
+                                  raise_on_error=True))
+        except TimeoutException:
+            raise RewardError(
+                f"MathVerify: comparing the answers took longer than timeout={self.timeout}s"
+            ) from None
+        except Exception as err:
+            raise RewardError(
+                f"MathVerify: math-verify failed to compare the answers: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+
 # --- by name, for configs ---------------------------------------------------------------------
 
 RULE_REWARDS: dict[str, type] = {
@@ -355,6 +580,7 @@ RULE_REWARDS: dict[str, type] = {
     "numeric_answer": NumericAnswer,
     "format_regex": FormatRegex,
     "length_penalty": LengthPenalty,
+    "math_verify": MathVerify,
 }
 """Rule rewards by the name a config uses."""
 

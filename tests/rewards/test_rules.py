@@ -11,6 +11,7 @@ from posttrain.rewards import (
     ExactMatch,
     FormatRegex,
     LengthPenalty,
+    MathVerify,
     NumericAnswer,
     last_number,
     make_rule_reward,
@@ -248,6 +249,7 @@ def test_registry_names():
         "numeric_answer": NumericAnswer,
         "format_regex": FormatRegex,
         "length_penalty": LengthPenalty,
+        "math_verify": MathVerify,
     }
 
 
@@ -264,7 +266,7 @@ def test_make_rule_reward_unknown_name_suggests_the_closest():
     message = str(info.value)
     assert "unknown rule reward 'exact_mach'" in message
     assert "Did you mean 'exact_match'?" in message
-    assert "exact_match, format_regex, length_penalty, numeric_answer" in message
+    assert "exact_match, format_regex, length_penalty, math_verify, numeric_answer" in message
 
 
 def test_make_rule_reward_unknown_argument_lists_the_valid_ones():

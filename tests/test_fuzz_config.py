@@ -34,6 +34,7 @@ from posttrain import algos, pipeline
 from posttrain.cli import TRAINERS
 from posttrain.config import load_config, parse_overrides, save_config
 from posttrain.errors import ConfigError
+from posttrain.tracking.trackers import TRACKERS
 from posttrain.trainers.reward import NORMALIZE_MODES
 
 CONFIGS = {command: getattr(importlib.import_module(module), name)
@@ -61,6 +62,7 @@ CHOICES = {
     "is_correction": ["auto", *algos.IS_CORRECTIONS.names()],
     "variant": algos.DPO_VARIANTS.names(),
     "normalize": list(NORMALIZE_MODES),
+    "report_to": list(TRACKERS),
 }
 """The names a string key chooses from (a registry's), so that valid choices are drawn too."""
 

@@ -1,4 +1,5 @@
-"""Metrics to `metrics.jsonl` and TensorBoard, and a progress display.
+"""Metrics to `metrics.jsonl` and the trackers of `run.report_to` (TensorBoard, W&B, MLflow:
+`posttrain.tracking.trackers`), and a progress display.
 
 The progress bar (rich) is shown only on an interactive terminal; in logs and CI a plain line
 is printed every `log_every` steps instead, so files are not flooded with redraws.
@@ -7,11 +8,16 @@ is printed every `log_every` steps instead, so files are not flooded with redraw
 from __future__ import annotations
 
 import json
-import math
+import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from posttrain.tracking.trackers import Tracker, open_trackers
+
+log = logging.getLogger(__name__)
 
 
 def _scalar(value: Any) -> float | None:
@@ -25,19 +31,25 @@ def _scalar(value: Any) -> float | None:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to `metrics.jsonl`; mirrors to TensorBoard."""
+    """Appends one JSON object per logged step to `metrics.jsonl` and sends the same row to
+    every tracker.
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True) -> None:
+    `report_to` names the trackers (`posttrain.tracking.trackers.TRACKERS`; jsonl is this
+    file and always written); without it, `tensorboard` says whether TensorBoard is one.
+    `name`, `experiment` and `resumed` go to the trackers' runs (`open_trackers`). A tracker
+    that raises while the run goes on is warned about and dropped: `metrics.jsonl` keeps
+    every row."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True,
+                 report_to: Sequence[str] | None = None, *, name: str | None = None,
+                 experiment: str | None = None, resumed: bool = False) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is a dependency, but stay usable without it
-                self._writer = None
+        if report_to is None:
+            report_to = ["tensorboard"] if tensorboard else []
+        self.trackers: list[Tracker] = open_trackers(
+            [n for n in report_to if n != "jsonl"], self.path.parent, name=name,
+            experiment=experiment, resumed=resumed)
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past `step` (on resume, those steps are about to be run again)."""
@@ -48,15 +60,40 @@ class MetricsLogger:
         record = {"step": step, "time": time.time(), **row}
         with self.path.open("a") as f:
             f.write(json.dumps(record, allow_nan=True) + "\n")
-        if self._writer is not None:
-            for k, v in row.items():
-                if math.isfinite(v):
-                    self._writer.add_scalar(k, v, step)
+        self._each("log", step, row)
         return row
 
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+    def log_config(self, config: dict[str, Any]) -> None:
+        """The resolved config to every tracker (the run directory has it as config.yaml)."""
+        self._each("log_config", config)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Sample records (already in samples.jsonl) to the trackers that show tables."""
+        if rows:
+            self._each("log_samples", step, rows)
+
+    def _each(self, method: str, *args: Any) -> None:
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as err:  # a tracker's failure must not end a training run
+                log.warning("run.report_to: %s failed in %s (%s); it is dropped for the rest "
+                            "of the run (metrics.jsonl has every row)", tracker.name, method,
+                            " ".join(str(err).split())[:300])
+                self.trackers.remove(tracker)
+                try:
+                    tracker.close("failed")
+                except Exception:  # already broken
+                    pass
+
+    def close(self, status: str = "finished") -> None:
+        """End every tracker's run; `status`: finished, interrupted or failed."""
+        for tracker in self.trackers:
+            try:
+                tracker.close(status)
+            except Exception as err:
+                log.warning("run.report_to: %s failed to close (%s)", tracker.name, err)
+        self.trackers = []
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -1328,6 +1328,7 @@ class RLTrainer(Trainer):
         k = self.config.eval.samples_logged
         if k <= 0 or (self.step + 1) % self.run.log_every or not self.dist.is_main:
             return
+        rows = []
         with (self.run_dir / "samples.jsonl").open("a") as f:
             for i in range(min(k, len(exp))):
                 row = {"step": self.step + 1, "prompt": exp.prompts[i],
@@ -1336,6 +1337,8 @@ class RLTrainer(Trainer):
                     row["turns"] = exp.meta["episode"][i]
                     row["turn_rewards"] = exp.meta["episode_stats"][i]["turn_rewards"]
                 f.write(json.dumps(row) + "\n")
+                rows.append(row)
+        self.report_samples(self.step + 1, rows)  # a table in W&B and MLflow
 
     @torch.no_grad()
     def evaluate(self) -> Metrics:

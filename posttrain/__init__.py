@@ -2,8 +2,16 @@
 
 `import posttrain` stays light: it imports neither `transformers` nor any other heavy optional
 package. Import the sub-packages you need (`posttrain.algos`, ...).
+
+Training from Python (`posttrain.api`; docs/guide.md "Python API"):
+
+    import posttrain
+    result = posttrain.sft(task="arithmetic", config={"run": {"steps": 200}})
+    result = posttrain.rl(preset="grpo", model=result.final_dir, train_dataset=prompts,
+                          rewards=[my_reward])
 """
 
+from posttrain.api import build, dpo, kto, rl, rm, sft, train
 from posttrain.errors import (
     CheckpointError,
     ConfigError,
@@ -25,4 +33,11 @@ __all__ = [
     "RewardError",
     "ShapeError",
     "__version__",
+    "build",
+    "dpo",
+    "kto",
+    "rl",
+    "rm",
+    "sft",
+    "train",
 ]

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from posttrain import __version__
+from posttrain.api import TRAINERS
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -70,20 +71,6 @@ def _tasks_make(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAINERS = {
-    "sft": ("posttrain.trainers.sft", "SFTConfig", "SFTTrainer",
-            "supervised fine-tuning (completion-only loss)"),
-    "rm": ("posttrain.trainers.reward", "RMConfig", "RewardModelTrainer",
-           "train a Bradley-Terry reward model on preference pairs"),
-    "dpo": ("posttrain.trainers.dpo", "DPOConfig", "DPOTrainer",
-            "direct preference optimisation (DPO, cDPO, IPO, SimPO, ORPO, DPO-P, DPO+SFT)"),
-    "kto": ("posttrain.trainers.kto", "KTOConfig", "KTOTrainer",
-            "KTO on unpaired desirable/undesirable examples (prompt, completion, label)"),
-    "rl": ("posttrain.trainers.rl", "RLConfig", "RLTrainer",
-           "RL with a preset (--preset; `posttrain rl --help` lists them)"),
-}
-
-
 def _config_epilog(command: str, preset: str | None = None) -> str:
     """Every config key with its effective default and meaning, for `posttrain COMMAND
     --help`; with `--preset NAME` (rl), the values the preset sets are shown as defaults."""
@@ -124,49 +111,18 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _task_base(command: str, task_dir, preset: dict) -> dict:
-    """What --task fills in for COMMAND (making the stages it needs on first use)."""
-    from posttrain import pipeline
-
-    if command == "rl":
-        # the task adapts the preset (e.g. a critic from the policy under rule rewards)
-        return pipeline.rl_base(task_dir, preset)
-    return {"sft": pipeline.sft_base, "rm": pipeline.rm_base,
-            "dpo": pipeline.dpo_base, "kto": pipeline.kto_base}[command](task_dir)
-
-
 def _train(args: argparse.Namespace, extra: list[str]) -> int:
-    import importlib
-
-    from posttrain import distributed, pipeline
-    from posttrain.config import load_config, merge, parse_overrides
+    """`posttrain sft|rm|dpo|kto|rl`: `posttrain.api.build` with the command line's values."""
+    from posttrain import api, distributed
+    from posttrain.config import parse_overrides
     from posttrain.errors import NonFiniteError, PosttrainError
 
     command = args.command
-    module, cfg_name, trainer_name, _ = TRAINERS[command]
     dist = distributed.init()
     try:
-        mod = importlib.import_module(module)
-        base: dict = {}
-        preset: dict = {}
-        if command == "rl" and args.preset:
-            preset = pipeline.load_preset(args.preset)
-        if args.task:
-            # Under torchrun rank 0 makes the task and its earlier stages alone, first.
-            if dist.is_main:
-                with distributed.local_only():
-                    task_dir = pipeline.ensure_task(args.task)
-                    base = _task_base(command, task_dir, preset)
-            dist.barrier()
-            task_dir = pipeline.ensure_task(args.task)
-            base = _task_base(command, task_dir, preset)
-        base = merge(preset, base) if command == "rl" else base
-        overrides = parse_overrides(extra)
-        if args.resume:
-            overrides = merge(overrides, {"run": {"resume": True}})
-        cfg = load_config(getattr(mod, cfg_name), args.config, overrides,
-                          preset_dir=pipeline.preset_dir(), base=base)
-        trainer = getattr(mod, trainer_name)(cfg)
+        trainer = api.build(command, args.config, preset=getattr(args, "preset", None),
+                            task=args.task, overrides=parse_overrides(extra),
+                            resume=args.resume)
         result = trainer.train()
     except NonFiniteError as err:
         print(f"posttrain {command}: stopped: {err}", file=sys.stderr)

@@ -19,6 +19,7 @@ from posttrain.trainers.kto import KTOConfig
 from posttrain.trainers.reward import RMConfig
 from posttrain.trainers.rl import RLConfig
 from posttrain.trainers.sft import SFTConfig
+from tests.conftest import QUIET
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 CONFIGS = {"sft.yaml": SFTConfig, "sft_preference.yaml": SFTConfig, "rm.yaml": RMConfig,
@@ -160,3 +161,30 @@ def test_the_examples_run_in_order(tmp_path):
                     "{name: exact_match, column: answer}", "--baseline", "runs/example-sft/final",
                     "--limit", "8")
     assert "win_rate/exact_match" in out
+
+
+PYTHON_EXAMPLES = sorted((EXAMPLES / "python").glob("*.py"))
+
+
+def test_there_is_a_python_example_per_trainer():
+    from posttrain.api import TRAINERS
+
+    calls = {name: re.findall(r"posttrain\.(\w+)\(", path.read_text())
+             for name, path in ((p.stem, p) for p in PYTHON_EXAMPLES)}
+    assert {c for found in calls.values() for c in found} == set(TRAINERS)
+    assert all(len(found) == 1 for found in calls.values()), calls
+
+
+@pytest.mark.parametrize("path", PYTHON_EXAMPLES, ids=lambda p: p.stem)
+def test_the_python_examples_run(path, pipeline_root, arithmetic_sft_model, preference_dir,
+                                 tmp_path, monkeypatch, capsys):
+    import runpy
+
+    pipeline.ensure_sft(preference_dir, QUIET)  # the stages the examples start from, once
+    monkeypatch.setenv("POSTTRAIN_TASKS", str(pipeline_root))
+    monkeypatch.setenv("STEPS", "2")
+    monkeypatch.chdir(tmp_path)
+    runpy.run_path(str(path), run_name="__main__")  # as `python examples/python/NAME.py`
+    out = capsys.readouterr().out
+    assert "finished" in out and "/final" in out, out[-2000:]
+    assert len(list((tmp_path / "runs").glob("example-py-*/final/config.json"))) == 1

@@ -194,7 +194,9 @@ def load_environment(spec: str) -> type:
     except ConfigError as err:
         raise ConfigError(f"rollout.environment: {str(err).removeprefix('reward function ')}"
                           ) from None
-    obj = getattr(module, attr, None)
+    obj: object = module
+    for part in attr.split("."):  # dotted: posttrain.api:registered.Name
+        obj = getattr(obj, part, None)
     if not isinstance(obj, type) or not callable(getattr(obj, "step", None)):
         raise ConfigError(f"rollout.environment {spec!r}: {attr} is not a class with a "
                           "step(text) method (see posttrain.rollout.environment.Environment)")

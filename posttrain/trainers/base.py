@@ -4,8 +4,10 @@ It owns: the optimiser (AdamW) and the LR schedule with warm-up; the data order 
 shuffle per epoch, so the data position is a pure function of the step); micro-batching by a
 token budget with gradient accumulation whose result does not depend on the micro-batch size
 (each micro-batch's loss is normalised by the whole step's counts); gradient clipping; the
-non-finite check; evaluation every N steps; metrics to JSONL/TensorBoard and the progress
-display; atomic checkpoints, exact resume and clean stops on SIGINT/SIGTERM.
+non-finite check; evaluation every N steps; metrics to JSONL and the trackers of
+`run.report_to` (TensorBoard, W&B, MLflow) and the progress display; atomic checkpoints, exact
+resume and clean stops on SIGINT/SIGTERM or a callback's `request_stop`; the callbacks of
+`trainer.callbacks` (`posttrain.callbacks`).
 
 A trainer supplies the model(s) and four things: `item_length`, `step_totals`, `micro_loss`
 and `evaluate`. The loop knows no algorithm: one step is `train_step()`, which by default draws
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from posttrain import distributed
+from posttrain.callbacks import Callback
 from posttrain.checkpoint import (
     latest_checkpoint,
     load_rng,
@@ -42,7 +45,7 @@ from posttrain.checkpoint import (
     save_checkpoint,
     save_rng,
 )
-from posttrain.config import doc, save_config
+from posttrain.config import doc, save_config, to_dict
 from posttrain.data.collate import micro_batches_by_tokens
 from posttrain.data.loading import shuffled
 from posttrain.errors import CheckpointError, ConfigError
@@ -54,10 +57,11 @@ from posttrain.tracking.metrics import (
     truncate_jsonl,
 )
 from posttrain.tracking.monitors import MonitorLog
+from posttrain.tracking.trackers import check_trackers, report_to_names
 from posttrain.trainers.accumulate import Accumulator, Job, backward, to_floats
 
-__all__ = ["LoopConfig", "OptimConfig", "RunConfig", "TrainResult", "Trainer", "lr_lambda",
-           "to_floats"]
+__all__ = ["Callback", "LoopConfig", "OptimConfig", "RunConfig", "TrainResult", "Trainer",
+           "lr_lambda", "to_floats"]
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +105,17 @@ class LoopConfig:
     device: str = doc("cpu, cuda, cuda:N or auto (cuda when available).", "auto")
     on_nonfinite: Literal["stop", "skip"] = doc(
         "When the loss or gradient is NaN/inf: stop the run, or skip the step.", "stop")
-    tensorboard: bool = doc("Also write TensorBoard events.", True)
+    report_to: list[str] | str = doc(
+        "Where metrics go besides metrics.jsonl (always written, listed or not): any of "
+        "jsonl, tensorboard, wandb, mlflow, as a list or comma-separated (`--run.report_to "
+        "wandb,mlflow`). Every tracker gets the same metric names at the same steps, the "
+        "config once at the start and (RL) the sample responses as a table; a resumed run "
+        "continues its W&B and MLflow runs. wandb and mlflow are optional packages: pip "
+        "install 'posttrain[wandb]' / 'posttrain[mlflow]'.",
+        default_factory=lambda: ["jsonl", "tensorboard"])
+    tensorboard: bool = doc("Older switch of TensorBoard, kept for existing configs: false "
+                            "drops tensorboard from report_to; true leaves report_to as it is.",
+                            True)
     progress: Literal["auto", "rich", "plain", "none"] = doc(
         "Progress display: a bar on a terminal (auto), plain lines, or nothing.", "auto")
     resume: bool = doc("Continue from the newest complete checkpoint of this run.", False)
@@ -128,10 +142,19 @@ class LoopConfig:
         for name in ("steps", "micro_batch_tokens", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"run.{name} must be >= 1, got {getattr(self, name)}")
+        # a list of known names, whatever form it was given in (frozen: set once, here)
+        object.__setattr__(self, "report_to", report_to_names(self.report_to))
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run writes to: jsonl first, then report_to's others (without
+        tensorboard when `tensorboard` is false)."""
+        return ["jsonl", *(n for n in self.report_to if n != "jsonl"
+                           and (n != "tensorboard" or self.tensorboard))]
 
 
 @dataclass(frozen=True)
@@ -209,6 +232,13 @@ class TrainResult:
     eval_metrics: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     seconds: float = 0.0
+    stop_reason: str | None = None
+    """Why an interrupted run stopped: the signal (SIGINT, SIGTERM) or a callback's reason."""
+
+
+KEPT_ON_OVERWRITE = ("data", "start_model", "start_tokenizer")
+"""What `run.overwrite` leaves in a run directory: the records, model and tokenizer a Python
+API call (`posttrain.api`) wrote there for this run to read."""
 
 
 class _StopRequest:
@@ -290,11 +320,15 @@ class Trainer:
         self.run_dir = run.run_dir
         self.step = 0
         self.accumulators: dict[str, Accumulator] = {}  # by trained model, built with the optimiser
-        self.callbacks: list[Callable[[Trainer, int, dict[str, float]], None]] = []
+        # Callback objects, or plain functions (trainer, step, metrics) run as on_step_end
+        self.callbacks: list[Callback | Callable[[Trainer, int, dict[str, float]], Any]] = []
+        self._stop_reason: str | None = None
+        self._logger: _Logger | None = None
         self.history: list[dict[str, float]] = []  # logged metric rows, for the monitors
         self._progress: Progress | None = None
         self._order_cache: dict[int, list[int]] = {}
         torch.manual_seed(run.seed)
+        check_trackers(run.trackers)  # a missing wandb or mlflow package: now, not at step 1
         batch = getattr(run, "batch_size", None)
         if self.dist.enabled and batch is not None and batch < self.dist.world_size:
             raise ConfigError(f"run.batch_size ({batch}) is global and must be at least the "
@@ -610,6 +644,7 @@ class Trainer:
                                    lambda d: self._write_checkpoint(d, payload),
                                    keep=self.run.keep_checkpoints)
         self.dist.barrier()
+        self._callback("on_save", self.step, path)
         return path
 
     def restore(self, directory: Path) -> None:
@@ -634,28 +669,59 @@ class Trainer:
         start_time = time.time()
         self._prepare()
         main = self.dist.is_main
-        logger = _Logger(self.run_dir, self.run.tensorboard, main)
+        # a run resumed from a checkpoint continues its W&B / MLflow runs
+        logger = _Logger(self.run_dir, self.run, main, resumed=self.step > 0)
+        logger.log_config(to_dict(self.config))
+        self._logger = logger
         monitors = MonitorLog(self.run_dir) if main else None
         self._progress = Progress(self.run.steps, self.kind,
                                   self.run.progress if main else "none", start=self.step)
         eval_metrics: dict[str, float] = {}
         final = None
+        status = "failed"
+        self._stop_reason = None
         try:
             if self.step == 0 and self.run.eval_every:
                 start = self.evaluate_on_main()  # the starting point, for before/after
                 if start:
                     self.history.append({"step": 0, **logger.log(0, start)})
+                self._callback("on_eval", 0, start)
             status = self._loop(logger, monitors)
             if status == "finished":
                 eval_metrics, final = self._finish(logger, monitors)
         finally:
             self._progress.close()
-            logger.close()
+            self._logger = None
+            logger.close(status)
         report = self.write_report() if main else None
         if report is not None:
             print(f"report: {report}", flush=True)
         return TrainResult(self.run_dir, self.step, status, final, eval_metrics,
-                           self.skipped_steps, time.time() - start_time)
+                           self.skipped_steps, time.time() - start_time,
+                           self._stop_reason if status == "interrupted" else None)
+
+    # ------------------------------------------------------------------ callbacks
+    def request_stop(self, reason: str = "requested by a callback") -> None:
+        """Stop after the current step, as SIGINT does: the loop saves a checkpoint and
+        `train()` returns status "interrupted" (resume with run.resume). Any rank may ask;
+        every rank stops after the same step. For early stopping, from a callback."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+
+    def _callback(self, event: str, step: int, arg: Any) -> None:
+        """Run `event` (on_step_end, on_eval, on_save) of every callback; a plain function
+        is an on_step_end."""
+        for callback in self.callbacks:
+            hook = getattr(callback, event, None)
+            if hook is None and event == "on_step_end" and callable(callback):
+                hook = callback
+            if hook is not None:
+                hook(self, step, arg)
+
+    def report_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Send sample records (written to samples.jsonl) to the trackers that show tables."""
+        if self._logger is not None:
+            self._logger.log_samples(step, rows)
 
     def _prepare(self) -> None:
         """The run directory and config, the optimiser, the memory check, the resume, and
@@ -704,7 +770,13 @@ class Trainer:
                 "true")
         import shutil
 
-        shutil.rmtree(self.run_dir)
+        for entry in self.run_dir.iterdir():
+            if entry.name in KEPT_ON_OVERWRITE:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
 
     def _loop(self, logger: _Logger, monitors: MonitorLog | None
               ) -> Literal["finished", "interrupted"]:
@@ -720,17 +792,24 @@ class Trainer:
                     and self.step < self.run.steps
                 if evaluate:
                     self.phase("eval")
-                    metrics.update(self.evaluate_on_main())
+                    evals = self.evaluate_on_main()
+                    metrics.update(evals)
                 # an evaluation is always logged, whatever log_every says
                 if evaluate or self.step % self.run.log_every == 0 or self.step == self.run.steps:
                     self._log(logger, monitors, metrics)
-                for callback in self.callbacks:
-                    callback(self, self.step, metrics)
+                if evaluate:
+                    self._callback("on_eval", self.step, evals)
+                self._callback("on_step_end", self.step, metrics)
                 if self.run.save_every and self.step % self.run.save_every == 0:
                     self.phase("checkpoint")
                     self.checkpoint()
                 self.phase("train")
-                if self._stop_everywhere(stop.requested):
+                self._stop_reason = self._stop_reason or stop.requested  # a callback's, a signal
+                if self._stop_everywhere(self._stop_reason):
+                    self._stop_reason = self._stop_reason or "stopped on another rank"
+                    if self.dist.is_main and not stop.requested:  # a signal said so already
+                        print(f"stopping after step {self.step} ({self._stop_reason}): "
+                              "saving a checkpoint", flush=True)
                     self.checkpoint()
                     return "interrupted"
         return "finished"
@@ -751,6 +830,7 @@ class Trainer:
         eval_metrics = self.evaluate_on_main()
         if eval_metrics:
             self._log(logger, monitors, eval_metrics, progress=False)
+        self._callback("on_eval", self.step, eval_metrics)
         self.before_final()
         self.checkpoint()
         final = self.run_dir / "final"
@@ -762,16 +842,27 @@ class Trainer:
 
 
 class _Logger:
-    """MetricsLogger on rank 0; the other ranks return the row without writing it."""
+    """MetricsLogger (metrics.jsonl and the trackers of run.report_to) on rank 0; the other
+    ranks return the row without writing it, and send nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, active: bool) -> None:
-        self._inner = MetricsLogger(run_dir, tensorboard=tensorboard) if active else None
+    def __init__(self, run_dir: Path, run: LoopConfig, active: bool, resumed: bool) -> None:
+        self._inner = MetricsLogger(run_dir, report_to=run.trackers, name=run.name,
+                                    experiment=str(Path(run.output_dir).resolve()),
+                                    resumed=resumed) if active else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         if self._inner is not None:
             return self._inner.log(step, metrics)
         return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
 
-    def close(self) -> None:
+    def log_config(self, config: dict[str, Any]) -> None:
         if self._inner is not None:
-            self._inner.close()
+            self._inner.log_config(config)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        if self._inner is not None:
+            self._inner.log_samples(step, rows)
+
+    def close(self, status: str = "finished") -> None:
+        if self._inner is not None:
+            self._inner.close(status)

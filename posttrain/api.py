@@ -111,7 +111,7 @@ def build(command: str, config: str | os.PathLike | Mapping[str, Any] | Any = No
     cls = getattr(mod, cfg_name)
     if command != "rl" and (preset or rewards is not None or environment is not None):
         given = [n for n, v in (("preset", preset), ("rewards", rewards),
-                                ("environment", environment)) if v]
+                                ("environment", environment)) if v is not None]
         raise ConfigError(f"{command}: {', '.join(given)} is for rl only")
     dist = distributed.init()
     layers: list[dict[str, Any]] = []
@@ -147,7 +147,7 @@ def build(command: str, config: str | os.PathLike | Mapping[str, Any] | Any = No
         base_data = merge(base_data, layer)
     preset_dir = pipeline.preset_dir()
     # where the run writes, for the objects that have to become files first
-    probe = merge(merge(_read(path, preset_dir), base_data), over)
+    probe = merge(merge(base_data, _read(path, preset_dir)), over)
     run_dir = _run_dir(cls, probe)
     given = _objects(command, run_dir, dist.is_main, model, tokenizer, train_dataset,
                      eval_dataset, rewards, environment)

@@ -186,3 +186,18 @@ def test_errors_are_the_clis_one_line_messages(arithmetic_dir, tmp_path):
     with pytest.raises(DataError, match=r"data/train\.jsonl line 2"):
         posttrain.build("sft", base, train_dataset=[{"prompt": "1+1=", "completion": "2"},
                                                     {"prompt": "2+2="}])
+
+
+def test_records_go_to_the_run_directory_the_layers_give(tasks_here, arithmetic_dir, tmp_path):
+    # the task names a run directory (its own sft/); the file, a later layer, another
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump({"run": {**QUIET["run"], "output_dir": str(tmp_path),
+                                            "name": "from-yaml"}}))
+    rows = records(arithmetic_dir / "sft_train.jsonl", 20)
+    trainer = posttrain.build("sft", path, task="arithmetic", train_dataset=rows)
+    assert trainer.config.data.train == str(tmp_path / "from-yaml" / "data" / "train.jsonl")
+    # overrides win over the file
+    trainer = posttrain.build("sft", path, task="arithmetic", train_dataset=rows,
+                              overrides={"run.name": "over"})
+    assert trainer.config.data.train == str(tmp_path / "over" / "data" / "train.jsonl")
+    assert records(tmp_path / "over" / "data" / "train.jsonl") == rows

@@ -1,7 +1,7 @@
 """RL with `rollout.engine: vllm`, colocated and through a rollout server in a second
 process: GRPO and PPO learn the bandit of test_rl_learns_fast (the probability of "7" as the
 first answer token, measured exactly by a forward pass), the engine/trainer mismatch is
-measured and token TIS is on by default."""
+measured and token TIS is on by default; multi-turn episodes train the ids vLLM sampled."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import time
 import pytest
 import torch
 
+from posttrain.config import merge
 from posttrain.trainers.rl import RLTrainer
+from tests.trainers.test_async import config
+from tests.trainers.test_episode_runs import ENV, check_episode_batch
 from tests.trainers.test_rl import rl_config, rows_of
 from tests.trainers.test_rl_learns_fast import p_seven
 
@@ -125,3 +128,54 @@ def test_grpo_learns_from_an_async_vllm_worker_one_step_stale(
     assert all(r["async/dropped_batches"] == 0 for r in steps)
     # a stale batch is weighted by π_old/μ: one step of policy change, not vLLM's rounding
     assert max(r["mismatch/abs_logp_max"] for r in steps[1:]) > 1e-3
+
+
+def test_episodes_on_vllm_train_the_ids_vllm_sampled(vllm_installed, arithmetic_dir,
+                                                     arithmetic_sft_model, tmp_path):
+    """Multi-turn episodes (issue 18) on the vLLM engine: every policy turn in the batch is,
+    id for id, what vLLM sampled for that turn's context (prompt, earlier turns and rendered
+    observations); observations are masked as on the lean engine; two GRPO steps train."""
+    cfg = config(arithmetic_dir, "grpo", tmp_path, "vllm-episodes",
+                 **merge(ENV, {"rollout": {"engine": "vllm"}, "run": {"steps": 2}}))
+    trainer = RLTrainer(cfg)
+    # what vLLM sampled for each context (a prompt's episodes share their first context)
+    sampled: dict[tuple[int, ...], list[list[int]]] = {}
+    generate = trainer.engine.generate
+
+    def recording(prompt_ids, sampling, *args, **kwargs):
+        exp = generate(prompt_ids, sampling, *args, **kwargs)
+        for row, context in enumerate(prompt_ids):
+            sampled.setdefault(tuple(context), []).append(
+                exp.response_ids[row][exp.response_mask[row]].tolist())
+        return exp
+
+    trainer.engine.generate = recording
+    try:
+        exp, metrics = trainer.collect()
+        assert metrics["episode/turns"] > 1
+        turns_checked = 0
+        for i in range(len(exp)):
+            t = exp.response_len
+            prompt = exp.input_ids[i, :-t][exp.attention_mask[i, :-t]].tolist()
+            real = exp.attention_mask[i, -t:]
+            body = exp.response_ids[i][real].tolist()
+            policy = exp.response_mask[i][real].tolist()
+            start = 0
+            while start < len(body):  # each run of policy tokens is one turn
+                end = start
+                while end < len(body) and policy[end] == policy[start]:
+                    end += 1
+                if policy[start]:  # whole, or cut at the episode's token limit
+                    n = end - start
+                    assert any(body[start:end] == turn[:n] and (n == len(turn) or end == len(body))
+                               for turn in sampled[tuple(prompt + body[:start])])
+                    turns_checked += 1
+                start = end
+        assert turns_checked > len(exp)  # second turns were checked too
+        check_episode_batch(trainer, exp, metrics)
+        trainer.engine.generate = generate
+        result = trainer.train()
+    finally:
+        if hasattr(trainer.engine, "close"):
+            trainer.engine.close()
+    assert result.status == "finished" and result.steps_done == 2

@@ -69,8 +69,10 @@ def test_a_clip_range_of_zero_is_legal_and_holds_the_ratio_at_one_on_its_side():
     # the other losses with clip ranges accept 0 too; CISPO's weight is then exactly 1 above
     loss, _ = cispo_policy_loss(logp, old, adv, mask, clip_low=0.0, clip_high=0.0)
     assert_close(loss, -logp, atol=1e-15, rtol=0)  # ŵ = clip(r, 1, 1) = 1: -A·log π
+    # GSPO: the row's mean log-ratio is 0, s = 1, inside even a zero range: ℓ = -A = -1
     for fn in (gspo_policy_loss, gspo_token_policy_loss):
-        fn(logp, old, adv, mask, clip_low=0.0, clip_high=0.0)
+        loss, _ = fn(logp, old, adv, mask, clip_low=0.0, clip_high=0.0)
+        assert_close(loss, t([[-1.0, -1.0]]), atol=1e-15, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------

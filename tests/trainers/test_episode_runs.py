@@ -144,4 +144,3 @@ def test_grpo_learns_to_call_the_calculator_and_copy_its_result(pipeline_root, t
     assert end["eval/reward"] > 0.5 and end["eval/episode_tool_calls"] > 0.9
     assert end["eval/episode_tool_calls_sampled"] > start["eval/episode_tool_calls_sampled"] + 0.2
     assert end["eval/reward_sampled"] > start["eval/reward_sampled"] + 0.12
-

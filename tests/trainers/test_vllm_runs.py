@@ -5,6 +5,7 @@ measured and token TIS is on by default; multi-turn episodes train the ids vLLM 
 
 from __future__ import annotations
 
+import itertools
 import re
 import subprocess
 import sys
@@ -161,11 +162,9 @@ def test_episodes_on_vllm_train_the_ids_vllm_sampled(vllm_installed, arithmetic_
             body = exp.response_ids[i][real].tolist()
             policy = exp.response_mask[i][real].tolist()
             start = 0
-            while start < len(body):  # each run of policy tokens is one turn
-                end = start
-                while end < len(body) and policy[end] == policy[start]:
-                    end += 1
-                if policy[start]:  # whole, or cut at the episode's token limit
+            for is_policy, run in itertools.groupby(policy):  # a run of policy tokens: a turn
+                end = start + len(list(run))
+                if is_policy:  # whole, or cut at the episode's token limit
                     n = end - start
                     assert any(body[start:end] == turn[:n] and (n == len(turn) or end == len(body))
                                for turn in sampled[tuple(prompt + body[:start])])

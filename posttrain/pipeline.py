@@ -212,7 +212,9 @@ def rl_base(task_dir: Path, preset: dict[str, Any]) -> dict[str, Any]:
         "reward": reward,
         "algo": algo,
         "rollout": {"max_new_tokens": d["max_new_tokens"],
-                    **({"environment": info["environment"], "max_turns": d["max_turns"]}
+                    # a task made with its own game length plays that many turns
+                    **({"environment": info["environment"],
+                        "max_turns": info["options"].get("max_turns", d["max_turns"])}
                        if info.get("environment") else {})},
         # measured on arithmetic: lr 1e-4 raises sampled accuracy without eroding greedy;
         # the tiny critic needs a larger rate than the policy to fit in 50 steps

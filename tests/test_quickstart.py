@@ -182,6 +182,10 @@ def test_other_monitors_by_hand():
     assert value_bias(positions) is not None
     flat = [{"step": s, "mean_advantage": [0.0] * 15, "tokens": [4] * 15} for s in range(1, 21)]
     assert value_bias(flat) is None
+    # without a critic the signature is not the critic's (GRPO on a multi-turn game: the long,
+    # low-scoring episodes hold every late position), so no alert
+    assert value_bias([p | {"critic": False} for p in positions]) is None
+    assert value_bias([p | {"critic": True} for p in positions]) is not None
     assert check_all([], []) == []
 
 

@@ -160,12 +160,12 @@ class GuessConfig:
 class GuessEnv(Environment):
     """A hidden number (column `target`) in 1..`high` (column): "higher" or "lower" after a
     wrong guess; solved at turn t scores 1 − (t − 1)/max_turns (fewer turns, more reward);
-    a turn that is no number is told so; unsolved after `max_turns` turns scores 0."""
+    a turn that is no number is told so; unsolved after `max_turns` turns (column, else 6)
+    scores 0."""
 
-    max_turns = GuessConfig.max_turns
-
-    def reset(self, prompt, target, high, **columns):
+    def reset(self, prompt, target, high, max_turns=GuessConfig.max_turns, **columns):
         self.target, self.high, self.turn = int(target), int(high), 0
+        self.max_turns = int(max_turns)
 
     def step(self, text: str) -> Step:
         self.turn += 1
@@ -212,7 +212,8 @@ def build_guess(seed: int, config: GuessConfig) -> dict[str, list[dict]]:
 
     def prompts(k: int) -> list[dict]:
         return [{"prompt": [{"role": "user", "content": f"guess 1-{n}"}],
-                 "target": str(rng.randint(1, n)), "high": str(n)} for _ in range(k)]
+                 "target": str(rng.randint(1, n)), "high": str(n),
+                 "max_turns": str(config.max_turns)} for _ in range(k)]
 
     return {"sft_train": demos(config.n_sft), "sft_eval": demos(config.n_sft_eval),
             "rl_train": prompts(config.n_rl), "rl_eval": prompts(config.n_rl_eval)}

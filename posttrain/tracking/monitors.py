@@ -179,8 +179,10 @@ def value_bias(positions: Sequence[dict], steps: int = 20, early: int = 5,
                threshold: float = 0.02) -> Alert | None:
     """Mean advantage over the first `early` positions, in the first `steps` steps, above the
     mean over later positions by more than `threshold` (seed 001: an RM-initialised critic
-    makes every TD error positive, most at early tokens)."""
-    head = positions[:steps]
+    makes every TD error positive, most at early tokens). Steps without a critic are not
+    judged (a record with `"critic": false`): with one advantage per sequence, later positions
+    exist only in longer responses, which in a multi-turn game are the lower-scoring ones."""
+    head = [p for p in positions if p.get("critic", True)][:steps]
     if len(head) < min(steps, 5):
         return None
     e_sum = e_n = l_sum = l_n = 0.0

@@ -1317,7 +1317,7 @@ class RLTrainer(Trainer):
         counts = mask.sum(0).clamp(min=1)
         by_pos = (torch.where(mask, exp.advantages, 0.0).sum(0) / counts).tolist()
         record = {"step": self.step + 1, "mean_advantage": by_pos,
-                  "tokens": mask.sum(0).tolist()}
+                  "tokens": mask.sum(0).tolist(), "critic": exp.values is not None}
         if self.dist.is_main:  # rank 0's share stands for the batch in this diagnostic
             self.positions.append(record)
             with (self.run_dir / "advantage_by_position.jsonl").open("a") as f:

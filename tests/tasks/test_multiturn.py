@@ -106,6 +106,25 @@ def test_guess_env_feedback_and_reward_for_fewer_turns():
     assert [s.done for s in steps] == [False] * 5 + [True] and steps[-1].reward == 0.0
 
 
+def test_a_shorter_game_ends_and_scores_by_its_own_turn_limit(tmp_path):
+    from posttrain import pipeline
+
+    out = make_task("guess", tmp_path / "g", model=False, max_number=8, max_turns=4)
+    prompts = files(out)["rl_train"]
+    assert {(p["high"], p["max_turns"]) for p in prompts} == {("8", "4")}
+    env = GuessEnv()
+    env.reset(**prompts[0] | {"target": "5"})
+    assert env.step("2").observation == "higher"
+    assert env.step("5").reward == pytest.approx(1 - 1 / 4)  # not 1 - 1/6
+    env.reset(**prompts[0] | {"target": "5"})
+    steps = [env.step("1") for _ in range(4)]
+    assert [s.done for s in steps] == [False] * 3 + [True] and steps[-1].reward == 0.0
+    # the rollout plays as many turns as the task's game has (the pipeline's default is 6)
+    (out / "sft" / "final").mkdir(parents=True)
+    (out / "sft" / "final" / "config.json").write_text("{}")
+    assert pipeline.rl_base(out, {})["rollout"]["max_turns"] == 4
+
+
 def test_task_json_names_the_environment(made):
     for name, cls in (("calculator", CalculatorEnv), ("guess", GuessEnv)):
         info = json.loads((made[name] / "task.json").read_text())

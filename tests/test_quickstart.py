@@ -22,9 +22,21 @@ from posttrain.tracking.monitors import (
 )
 
 
+def with_arithmetic_sft(out, arithmetic_sft_model):
+    """`out`'s task root holding the session's arithmetic task and SFT model: the same task,
+    seed and settings the quickstart would train (50 s each time). The preference pipeline
+    still runs from nothing, so every stage's first-use path is in the run."""
+    task = arithmetic_sft_model.parent.parent
+    shutil.copytree(task, out / "tasks" / task.name,
+                    ignore=lambda d, names: [n for n in names if d == str(task) and
+                                             n not in ("task.json", "model", "sft") and
+                                             not n.endswith(".jsonl")])
+    return out
+
+
 @pytest.fixture(scope="session")
-def quickstart_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs") / "quickstart"
+def quickstart_dir(tmp_path_factory, arithmetic_sft_model):
+    out = with_arithmetic_sft(tmp_path_factory.mktemp("qs") / "quickstart", arithmetic_sft_model)
     assert main(["quickstart", "--out", str(out), "--budget", "small", "--progress",
                  "none"]) == 0
     return out
@@ -69,8 +81,9 @@ def test_quickstart_ppo_raises_the_greedy_gold_reward(quickstart_dir):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_on_the_vllm_engine(vllm_installed, tmp_path, capsys):
-    out = tmp_path / "quickstart-vllm"
+def test_quickstart_runs_on_the_vllm_engine(vllm_installed, arithmetic_sft_model, tmp_path,
+                                            capsys):
+    out = with_arithmetic_sft(tmp_path / "quickstart-vllm", arithmetic_sft_model)
     assert main(["quickstart", "--out", str(out), "--budget", "small", "--task", "arithmetic",
                  "--engine", "vllm", "--progress", "none"]) == 0
     assert "RL with grpo (60 steps, vllm engine)" in capsys.readouterr().out

@@ -1,7 +1,8 @@
 """Reproduce the numbers in docs/results.md.
 
     .venv/bin/python scripts/measure_results.py [trainers] [rl] [cot] [preference_ppo]
-        [value_bias] [cot_plots] [kl_sweep] [length] [multiturn] [--out DIR] [--seeds 0,1,2]
+        [value_bias] [cot_plots] [kl_sweep] [length] [multiturn] [guess_opening] [--out DIR]
+        [--seeds 0,1,2]
         [--presets grpo,...]
 
 Runs the `posttrain` commands shown in docs/results.md one after another (never in parallel:
@@ -603,11 +604,62 @@ def multiturn(workdir: Path, seeds: list[int]) -> None:
                   f"{mean_sd([r[key][1] for r in rs])} | {wall} |", flush=True)
 
 
+def guess_opening(workdir: Path, seeds: list[int]) -> None:
+    """The guessing game made small (1..8 in 4 turns, SFT 300 steps) as its CI test trains
+    it: GRPO 20 steps at lr 1e-3, and the policy's exact opening before and after (the
+    opening's expected score under random play after it, the mass on the ends 1 and 8)."""
+    n, turns = 8, 4
+    probe = ("import json, sys; from transformers import AutoModelForCausalLM; "
+             "from posttrain.models.load import load_tokenizer; "
+             "from posttrain.tasks.multiturn import opening_probabilities as p; "
+             f"print(json.dumps([p(AutoModelForCausalLM.from_pretrained(m), load_tokenizer(m), "
+             f"{n}) for m in sys.argv[1:]]))")
+    from posttrain.tasks.multiturn import opening_scores
+
+    scores = opening_scores(n, turns)
+    out = []
+    for seed in seeds:
+        d = workdir / "guess_opening" / f"seed{seed}"
+        task = d / "runs" / "tasks" / "guess"
+        d.mkdir(parents=True, exist_ok=True)
+        if not (task / "task.json").exists():
+            run(["tasks", "make", "guess", "--out", str(task), "--seed", str(seed), "--option",
+                 f"max_number={n}", "--option", f"max_turns={turns}", "--option",
+                 "n_sft=2000"], d, progress=False)
+        code = ("from posttrain import pipeline; pipeline.ensure_sft(pipeline.ensure_task("
+                "'guess'), {'run': {'steps': 300, 'eval_every': 0, 'progress': 'none'}})")
+        env = {**os.environ, "POSTTRAIN_TASKS": str(d / "runs" / "tasks")}
+        subprocess.run([sys.executable, "-c", code], cwd=d, env=env, check=True,
+                       capture_output=True)
+        wall = run(["rl", "--preset", "grpo", "--task", "guess", "--run.seed", str(seed),
+                    "--run.steps", "20", "--run.eval_every", "20", "--optim.lr", "1e-3",
+                    "--eval.prompts", "64", "--eval.samples_per_prompt", "2",
+                    "--run.name", "rl-guess", "--run.overwrite", "true"], d)
+        proc = subprocess.run([sys.executable, "-c", probe, str(task / "sft" / "final"),
+                               str(d / "runs" / "rl-guess" / "final")], cwd=d, env=env,
+                              check=True, capture_output=True, text=True)
+        before, after = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = metrics(d / "runs" / "rl-guess")
+        out.append({"score": [sum(a * v for a, v in zip(p, scores, strict=True)) / sum(p)
+                              for p in (before, after)],
+                    "ends": [p[0] + p[-1] for p in (before, after)],
+                    "turns": first_last(rows, "eval/episode_turns_sampled"),
+                    "greedy": first_last(rows, "eval/episode_turns"), "wall": wall})
+    print(f"\nseeds {', '.join(map(str, seeds))}; guess 1..{n} in {turns} turns, SFT 300 "
+          f"steps, GRPO 20 steps (lr 1e-3); uniform opening {sum(scores) / n:.3f}, the best "
+          f"{max(scores):.3f}\n")
+    print("| seed | opening score | P(opening 1 or 8) | turns, sampled | turns, greedy | RL |")
+    print("|---|---|---|---|---|---|")
+    for seed, r in zip(seeds, out, strict=True):
+        print(f"| {seed} | " + " | ".join(f"{a:.3f} -> {b:.3f}" for a, b in (
+            r["score"], r["ends"], r["turns"], r["greedy"])) + f" | {r['wall']:.0f} s |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = {"trainers": trainers, "rl": rl, "cot": cot, "preference_ppo": preference_ppo,
                 "value_bias": value_bias, "cot_plots": cot_plots, "kl_sweep": kl_sweep,
-                "length": length, "multiturn": multiturn}
+                "length": length, "multiturn": multiturn, "guess_opening": guess_opening}
     parser.add_argument("sections", nargs="*", default=list(sections), choices=list(sections))
     parser.add_argument("--out", default="/tmp/posttrain-results")
     parser.add_argument("--seeds", default="0,1,2",

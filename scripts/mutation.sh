@@ -3,6 +3,7 @@
 #
 #   scripts/mutation.sh                  # every file of posttrain/algos/
 #   scripts/mutation.sh objective kl     # only these modules
+#   scripts/mutation.sh wiring           # the RL trainer's wiring (scripts/mutation_wiring.sh)
 #
 # mutmut is configured in pyproject.toml [tool.mutmut]: the package is copied into mutants/,
 # only posttrain/algos/* is mutated, and each mutant runs the tests of tests/algos/ that call
@@ -20,6 +21,10 @@ LOCK=${TORCH_LOCK:-/tmp/torch.lock}
 # torch, and a forked child of a process with a live OpenMP pool can hang (every such mutant
 # then shows as a timeout). With one child at a time nothing is lost.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+if [ "${1:-}" = wiring ]; then
+    exec scripts/mutation_wiring.sh
+fi
 
 if [ $# -gt 0 ]; then
     modules=("$@")

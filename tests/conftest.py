@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,11 @@ QUIET = {"run": {"progress": "none", "tensorboard": False}}
 
 @pytest.fixture(scope="session")
 def pipeline_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("tasks")
+    """The built-in tasks and their trained stages (SFT, RM), new each session; with
+    $POSTTRAIN_TEST_TASKS, that directory, kept across sessions (scripts/mutation.sh: every
+    mutant is a new pytest session, and retraining the SFT start would cost a minute each)."""
+    kept = os.environ.get("POSTTRAIN_TEST_TASKS")
+    return Path(kept) if kept else tmp_path_factory.mktemp("tasks")
 
 
 @pytest.fixture(scope="session")

@@ -15,11 +15,12 @@
   bisecting), so RL, rewarded more for fewer turns, can lower the number of turns.
 
 Both write the RL prompts in TRL's conversational form (`prompt` a list of messages) with the
-columns the environments read (`answer`, `target`).
+columns the environments read (`answer`, `target`, `high`, `max_turns`).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -200,6 +201,45 @@ def guess_demo(target: int, high: int, max_turns: int, rng: random.Random
     if messages[-1]["role"] == "user":
         messages.pop()  # a conversation ends on the assistant's turn
     return messages
+
+
+def opening_scores(high: int, max_turns: int) -> list[float]:
+    """The game's expected score after opening with 1..`high`, the target uniform and every
+    later guess at random inside what the feedback left (the demonstrator's play): exact, by
+    recursion over the interval's size. The middle opens best, the ends worst; a policy's
+    opening is judged by the mean of these under its probabilities (`opening_probabilities`)."""
+
+    def score(t: int) -> float:  # found at turn t
+        return 1.0 - (t - 1) / max_turns
+
+    @functools.cache
+    def value(m: int, t: int) -> float:  # m numbers left, guess number t to come
+        if m == 0 or t > max_turns:
+            return 0.0
+        rest = sum((j - 1) * value(j - 1, t + 1) + (m - j) * value(m - j, t + 1)
+                   for j in range(1, m + 1))
+        return score(t) / m + rest / m**2
+
+    return [(score(1) + (g - 1) * value(g - 1, 2) + (high - g) * value(high - g, 2)) / high
+            for g in range(1, high + 1)]
+
+
+def opening_probabilities(model, tokenizer, high: int) -> list[float]:
+    """The policy's probability of each opening guess 1..`high` (up to 9: one token each),
+    from one forward pass over the prompt as RL renders it."""
+    import torch
+
+    from posttrain.data.collate import encode_prompt
+
+    if high > 9:
+        raise ValueError("opening_probabilities: numbers above 9 take two tokens")
+    ids = encode_prompt([{"role": "user", "content": f"guess 1-{high}"}], tokenizer)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+    probs = torch.softmax(logits, -1)
+    return [float(probs[tokenizer(str(g), add_special_tokens=False).input_ids[-1]])
+            for g in range(1, high + 1)]
 
 
 def build_guess(seed: int, config: GuessConfig) -> dict[str, list[dict]]:

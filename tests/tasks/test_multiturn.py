@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -123,6 +124,32 @@ def test_a_shorter_game_ends_and_scores_by_its_own_turn_limit(tmp_path):
     (out / "sft" / "final").mkdir(parents=True)
     (out / "sft" / "final" / "config.json").write_text("{}")
     assert pipeline.rl_base(out, {})["rollout"]["max_turns"] == 4
+
+
+def test_opening_scores_by_hand_and_by_playing_the_game():
+    from posttrain.tasks.multiturn import opening_scores
+
+    # 1..2 in one turn: right half the time; in two turns a miss leaves one number, found at
+    # turn 2 for 1 - 1/2
+    assert opening_scores(2, 1) == [0.5, 0.5]
+    assert opening_scores(2, 2) == [0.75, 0.75]
+    # 1..8 in 4 turns, against 20,000 games per opening played on GuessEnv at random after it
+    rng, env, n = random.Random(0), GuessEnv(), 8
+    for g, exact in enumerate(opening_scores(n, 4), start=1):
+        total = 0.0
+        for _ in range(20_000):
+            env.reset("", target=str(rng.randint(1, n)), high=str(n), max_turns="4")
+            lo, hi, guess = 1, n, g
+            while True:
+                step = env.step(str(guess))
+                if step.done:
+                    total += step.reward
+                    break
+                lo, hi = (guess + 1, hi) if step.observation == "higher" else (lo, guess - 1)
+                guess = rng.randint(lo, hi)
+        assert total / 20_000 == pytest.approx(exact, abs=0.01), g
+    scores = opening_scores(n, 4)
+    assert scores == scores[::-1] and max(scores) == scores[3] > scores[0]
 
 
 def test_task_json_names_the_environment(made):

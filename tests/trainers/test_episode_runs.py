@@ -9,7 +9,6 @@ with a second chance (tests/trainers/user_envs.py: a wrong first answer is told 
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -18,6 +17,8 @@ from safetensors.torch import load_file
 
 from posttrain import pipeline
 from posttrain.config import load_config, merge
+from posttrain.data.collate import encode_prompt
+from posttrain.tasks.multiturn import opening_probabilities, opening_scores
 from posttrain.tasks.registry import make_task
 from posttrain.trainers.rl import RLConfig, RLTrainer
 from tests.conftest import QUIET
@@ -151,36 +152,6 @@ def test_grpo_learns_to_call_the_calculator_and_copy_its_result(pipeline_root, t
     assert end["eval/reward_sampled"] > start["eval/reward_sampled"] + 0.12
 
 
-def opening_values(n: int, turns: int) -> list[float]:
-    """The game's expected score after opening with 1..n, the target uniform and every later
-    guess random inside what the feedback left (the SFT demonstrator's play), by recursion over
-    the interval's size: the middle opens best, the ends worst."""
-    def score(t: int) -> float:  # solved at turn t
-        return 1 - (t - 1) / turns
-
-    @functools.cache
-    def value(m: int, t: int) -> float:  # m numbers left, guess number t to come
-        if m == 0 or t > turns:
-            return 0.0
-        rest = sum((j - 1) * value(j - 1, t + 1) + (m - j) * value(m - j, t + 1)
-                   for j in range(1, m + 1))
-        return score(t) / m + rest / m**2
-
-    return [(score(1) + (g - 1) * value(g - 1, 2) + (n - g) * value(n - g, 2)) / n
-            for g in range(1, n + 1)]
-
-
-def opening(trainer, n: int) -> list[float]:
-    """The policy's probability of each opening guess 1..n (exact: one forward pass)."""
-    tok = trainer.tokenizer
-    ids = trainer.eval_items[0][0]  # every prompt is "guess 1-n"
-    with torch.no_grad():
-        probs = torch.softmax(trainer.model(input_ids=torch.tensor([ids])).logits[0, -1].float(),
-                              -1)
-    return [float(probs[tok(str(g), add_special_tokens=False).input_ids[-1]]) for g in
-            range(1, n + 1)]
-
-
 @pytest.mark.slow
 def test_grpo_moves_the_guessing_games_opening_toward_the_middle(pipeline_root, tmp_path):
     # The game shrunk to 1..8 in 4 turns so that SFT takes 300 steps (the pipeline's 1..16 in
@@ -192,18 +163,21 @@ def test_grpo_moves_the_guessing_games_opening_toward_the_middle(pipeline_root, 
                      n_sft=2000)
     pipeline.ensure_sft(task, merge(QUIET, {"run": {"steps": 300, "eval_every": 0}}))
     trainer = grpo(task, tmp_path, 20, optim={"lr": 1e-3})
-    values = opening_values(n, 4)
-    before = opening(trainer, n)
+    scores = opening_scores(n, 4)
+    # the opening is measured on the prompt as the trainer renders it
+    assert trainer.eval_items[0][0] == encode_prompt(
+        [{"role": "user", "content": f"guess 1-{n}"}], trainer.tokenizer)
+    before = opening_probabilities(trainer.model, trainer.tokenizer, n)
     trainer.train()
-    after = opening(trainer, n)
+    after = opening_probabilities(trainer.model, trainer.tokenizer, n)
 
     def expected(p):
-        return sum(a * v for a, v in zip(p, values, strict=True)) / sum(p)
+        return sum(a * v for a, v in zip(p, scores, strict=True)) / sum(p)
 
     assert all(sum(p) > 0.99 for p in (before, after))  # the first turn is a number in 1..n
     # Measured at task seeds 0, 1, 2: opening score 0.482 -> 0.506, 0.484 -> 0.517,
     # 0.486 -> 0.509 (random 0.483, the best 0.547); the ends (1 and 8) 0.25 -> 0.07, 0.24 ->
     # 0.08, 0.23 -> 0.13; sampled turns per episode fell by 0.10-0.16 at each.
-    assert abs(expected(before) - sum(values) / n) < 0.01, before  # SFT opens at random
+    assert abs(expected(before) - sum(scores) / n) < 0.01, before  # SFT opens at random
     assert expected(after) > expected(before) + 0.015, (before, after)
     assert after[0] + after[-1] < 0.7 * (before[0] + before[-1]), (before, after)

@@ -139,9 +139,10 @@ def test_the_configured_aggregation_is_the_one_applied(trainer, algo, mode):
 
 
 def test_positive_example_lm_loss_is_the_nll_of_the_correct_responses(trainer, algo):
-    """Scores [1, 0] with threshold 0.5: only row 0 is correct; μ·token-mean NLL over it."""
+    """Scores [1, 0.3] with threshold 0.5: only row 0 is correct (with the default threshold
+    0, both would be); μ·token-mean NLL over it."""
     algo(kl_placement="none", positive_lm_coef=0.1, positive_threshold=0.5)
-    exp = experience(trainer, [0.0, 0.0])
+    exp = experience(trainer, [0.0, 0.0], scores=(1.0, 0.3))
     logp, _ = logits_view(trainer, exp)
     expected = 0.1 * -(float(logp[0, 0]) + float(logp[0, 1])) / 2
     assert trainer.step_counts(exp).positive_tokens == 2.0
@@ -256,6 +257,73 @@ def test_value_loss_uses_its_own_aggregation(arithmetic_dir, arithmetic_sft_mode
         loss, _ = t.value_loss(exp, t.step_counts(exp))
     # ½·(V − Ret)² = ½, 2, 8 per token; token-mean, not the policy's seq-mean-token-mean
     assert float(loss) == pytest.approx((0.5 + 2.0 + 8.0) / 3, rel=1e-5)
+
+
+def test_value_loss_clips_at_value_clip(arithmetic_dir, arithmetic_sft_model, tmp_path):
+    t = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, run={"name": "vclip"},
+                            algo={"value_aggregation": "token-mean", "value_clip": 0.5}))
+    t.build_optimizer()
+    exp = experience(t, [0.0, 0.0])
+    v = exp.values  # what the critic predicts now; the rollout's values are moved off it by d
+    d = torch.tensor([[1.0, 0.1], [-2.0, 0.0]])
+    r = torch.tensor([[1.0, 2.0], [4.0, 0.0]])
+    exp = exp.replace(values=torch.where(MASK, v - d, 0.0), returns=torch.where(MASK, v + r, 0.0))
+    with torch.no_grad():
+        loss, _ = t.value_loss(exp, t.step_counts(exp))
+    # ½·max((V − Ret)², (V_old + clip(V − V_old, ±0.5) − Ret)²) per token:
+    # ½·max(1, 1.5²) = 1.125, ½·max(4, 2²) = 2, ½·max(16, 2.5²) = 8 (unclipped: 0.5, 2, 8)
+    assert float(loss) == pytest.approx((1.125 + 2.0 + 8.0) / 3, rel=1e-5)
+
+
+def update_calls(trainer, exp, monkeypatch):
+    """The mini-batches `trainer.update(exp)` hands on (rows named by their score), and the
+    metrics it returns when mini-batch i reports m = i and its row count."""
+    calls = []
+
+    def record(batch):
+        calls.append(batch.scores.tolist())
+        return {"m": float(len(calls)), "rows": float(len(batch))}
+
+    monkeypatch.setattr(trainer, "update_minibatch", record)
+    return calls, trainer.update(exp)
+
+
+@pytest.mark.parametrize(("epochs", "mini_batches"), [(1, 1), (1, 2), (1, 5), (2, 1), (3, 2)])
+def test_update_takes_every_row_once_per_epoch_in_seeded_shuffled_mini_batches(
+        trainer, algo, monkeypatch, epochs, mini_batches):
+    algo(epochs=epochs, mini_batches=mini_batches)
+    rows = torch.tensor([0, 1, 0, 1, 0])
+    exp = experience(trainer, [0.0, 0.0]).select(rows).replace(scores=torch.arange(5.0))
+    run, step = trainer.run, trainer.step
+    trainer.run, trainer.step = dataclasses.replace(run, seed=2), 3
+    try:
+        calls, metrics = update_calls(trainer, exp, monkeypatch)
+    finally:
+        trainer.run, trainer.step = run, step
+    # the order: rows as they are for one pass in one mini-batch, else a permutation per epoch
+    # from a generator seeded with run.seed * 7 + step (a resumed step shuffles alike)
+    gen = torch.Generator().manual_seed(2 * 7 + 3)
+    size = math.ceil(5 / mini_batches)
+    expected = []
+    for _ in range(epochs):
+        order = torch.randperm(5, generator=gen) if (epochs, mini_batches) != (1, 1) \
+            else torch.arange(5)
+        expected += [order[s:s + size].float().tolist() for s in range(0, 5, size)]
+    assert calls == expected
+    k = len(expected)
+    assert k == epochs * math.ceil(5 / size)
+    assert metrics == {"m": pytest.approx((k + 1) / 2), "rows": pytest.approx(5 * epochs / k)}
+
+
+def test_update_of_an_empty_batch_still_takes_one_step(trainer, algo, monkeypatch):
+    # dynamic sampling can leave a rank no row; it must still join the step's all-reduce once
+    algo(epochs=1, mini_batches=2)
+    exp = experience(trainer, [0.0, 0.0])
+    for keep in ([], [0]):
+        calls, metrics = update_calls(trainer, exp.select(torch.tensor(keep, dtype=torch.long)),
+                                      monkeypatch)
+        assert calls == [[float(exp.scores[i]) for i in keep]]
+        assert metrics == {"m": 1.0, "rows": float(len(keep))}
 
 
 def test_ptx_adds_its_coefficient_times_the_token_mean_nll(arithmetic_dir,

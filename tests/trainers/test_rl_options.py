@@ -395,3 +395,173 @@ def test_the_reference_is_not_the_policy_kl_grows_from_zero(arithmetic_dir,
     t.train()
     kl = [r["kl/ref_loss"] for r in rows_of(t.run_dir) if "kl/ref_loss" in r]
     assert kl[0] == pytest.approx(0.0, abs=1e-6) and kl[-1] > 1e-4, kl
+
+
+# --- the wiring between a rollout and the optimiser step (mutation-tested:
+# scripts/mutation_wiring.sh) ----------------------------------------------------------------
+
+
+def test_shape_adds_the_soft_overlong_penalty_and_the_kl_in_the_reward(trainer, algo):
+    exp = experience(trainer, [0.0, 0.0], scores=(1.0, 0.5))
+    l_max = trainer.config.rollout.response_tokens
+    cache = l_max - 1  # the penalty starts past 1 token: the 2-token row pays (2 − 1)/cache
+    algo(kl_placement="none", overlong="penalty", overlong_cache=cache, overlong_penalty=1.5)
+    rewards = trainer.shape(exp).token_rewards
+    assert_close(rewards, torch.tensor([[0.0, 1.0 - 1.5 / cache], [0.5, 0.0]]), atol=1e-6,
+                 rtol=0)
+    # in the reward: −β·k1(π_old, π_ref) on every token, the score added at the last one;
+    # old − ref is [[0.3, −0.2], [0.5, pad]] by construction
+    algo(kl_placement="reward")
+    beta = trainer.kl_ctl.value
+    assert beta > 0
+    rewards = trainer.shape(exp).token_rewards
+    assert_close(rewards, torch.tensor([[-0.3 * beta, 0.2 * beta + 1.0],
+                                        [-0.5 * beta + 0.5, 0.0]]), atol=1e-5, rtol=0)
+
+
+def test_step_counts_leave_out_empty_rows_and_never_fall_to_zero(trainer):
+    exp = experience(trainer, [0.0, 0.0])
+    masked = exp.replace(response_mask=torch.tensor([[True, True], [False, False]]))
+    counts = trainer.step_counts(masked)
+    assert (counts.tokens, counts.seqs, counts.rows) == (2.0, 1.0, 2.0)
+    assert counts.positive_tokens == 1.0  # not counted without the positive-example loss
+    empty = trainer.step_counts(exp.select(torch.tensor([], dtype=torch.long)))
+    assert (empty.tokens, empty.seqs, empty.rows) == (1.0, 1.0, 1.0)  # no division by zero
+
+
+def test_the_micro_batches_fit_the_token_budget(trainer):
+    exp = experience(trainer, [0.0, 0.0]).select(torch.tensor([0, 1, 0, 1, 0]))
+    width = exp.input_ids.shape[1]
+    run = trainer.run
+    try:
+        trainer.run = dataclasses.replace(run, micro_batch_tokens=2 * width + 1)
+        assert trainer._micro_indices(exp) == [[0, 1], [2, 3], [4]]
+        trainer.run = dataclasses.replace(run, micro_batch_tokens=width - 1)  # below one row
+        assert trainer._micro_indices(exp) == [[0], [1], [2], [3], [4]]
+    finally:
+        trainer.run = run
+
+
+@pytest.fixture(scope="module")
+def ppo(arithmetic_dir, arithmetic_sft_model, tmp_path_factory):
+    t = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path_factory.mktemp("opts_ppo"),
+                            run={"name": "options-ppo"}))
+    t.build_optimizer()
+    return t
+
+
+def gae_by_hand(rewards, values, lengths, gamma, lams):
+    """A_t = Σ_k (γλ)^k δ_{t+k}, δ_t = r_t + γ·V_{t+1} − V_t, V past the end 0: row by row."""
+    out = []
+    for r, v, n, lam in zip(rewards, values, lengths, lams, strict=True):
+        deltas = [r[t] + gamma * (v[t + 1] if t + 1 < n else 0.0) - v[t] for t in range(n)]
+        out.append([sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
+                    for t in range(n)] + [0.0] * (len(r) - n))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "length_adaptive"])
+def test_gae_advantages_and_returns_use_gamma_and_both_lambdas(ppo, schedule):
+    exp = experience(ppo, [0.0, 0.0])
+    rewards = [[0.5, 1.0], [2.0, 0.0]]
+    values = [[0.2, 0.4], [0.1, 0.0]]
+    exp = exp.replace(token_rewards=torch.tensor(rewards), values=torch.tensor(values))
+    original = ppo.algo
+    ppo.algo = dataclasses.replace(original, gamma=0.9, lam=0.8, critic_lam=0.7,
+                                   lambda_schedule=schedule, length_alpha=1.0, whiten="none")
+    try:
+        out = ppo.advantages(exp)
+    finally:
+        ppo.algo = original
+    # VAPO's λ = 1 − 1/(α·l): rows of 2 and 1 tokens, α = 1
+    lams = [0.8, 0.8] if schedule == "fixed" else [0.5, 0.0]
+    assert_close(out.advantages, gae_by_hand(rewards, values, [2, 1], 0.9, lams),
+                 atol=1e-6, rtol=0)
+    returns = gae_by_hand(rewards, values, [2, 1], 0.9, [0.7, 0.7]) + torch.where(
+        MASK, torch.tensor(values), 0.0)
+    assert_close(out.returns, returns, atol=1e-6, rtol=0)
+
+
+def test_the_advantages_of_an_empty_batch_are_empty(trainer, ppo):
+    # dynamic sampling can leave a rank no row: its step goes on with nothing to train
+    for t in (trainer, ppo):
+        exp = t.shape(experience(t, [0.0, 0.0]).select(torch.tensor([], dtype=torch.long)))
+        out = t.advantages(exp)
+        assert out.advantages.shape == (0, 2)
+        assert (out.returns is None) == (t.critic is None)
+        if t.critic is not None:
+            assert out.returns.shape == (0, 2)
+
+
+def test_the_policy_loss_uses_the_sampling_temperature(trainer, algo):
+    """The log-probs (and the entropy) of the policy that sampled: logits / T; T = 0 (greedy)
+    counts as 1."""
+    algo(kl_placement="none", entropy_coef=0.05)
+    exp = experience(trainer, [0.0, 0.0])
+    with torch.no_grad():
+        logits = trainer.model(input_ids=exp.input_ids).logits.float()
+    p = exp.input_ids.shape[1] - 2
+    config = trainer.config
+    try:
+        for temperature, divide in ((0.5, 0.5), (0.0, 1.0)):
+            trainer.config = dataclasses.replace(config, rollout=dataclasses.replace(
+                config.rollout, temperature=temperature))
+            logsm = torch.log_softmax(logits[:, p - 1 : p + 1] / divide, -1)
+            entropy = -(logsm.exp() * logsm).sum(-1)
+            expected = -0.05 * seq_mean_token_mean(entropy.tolist())
+            assert loss_of(trainer, exp) == pytest.approx(expected, rel=1e-4), temperature
+    finally:
+        trainer.config = config
+
+
+def test_on_policy_the_ratio_is_one_whatever_old_logp_says(trainer, algo):
+    """With old log-probs reused (`_reuse_now`: one on-policy pass), π_old is the forward pass
+    itself, so a recorded old_logp off by 0.5 changes nothing: −A per token."""
+    algo(kl_placement="none", aggregation="token-mean")
+    exp = experience(trainer, [1.0, 1.0])
+    logp, _ = logits_view(trainer, exp)
+    exp = exp.replace(old_logp=torch.where(MASK, logp - 0.5, 0.0))
+    reuse = trainer._reuse_now
+    try:
+        trainer._reuse_now = True
+        assert loss_of(trainer, exp) == pytest.approx(-1.0, rel=1e-5)
+        trainer._reuse_now = False
+        assert loss_of(trainer, exp) == pytest.approx(-1.2, rel=1e-5)  # clipped at 1 + 0.2
+    finally:
+        trainer._reuse_now = reuse
+
+
+def test_a_sampling_engines_log_probs_give_mismatch_metrics_and_the_correction(trainer, algo):
+    """Engine log-probs μ below π_old by δ: the metrics are token means over the step's
+    tokens, and token-level TIS weights each token's surrogate by min(e^δ, C)."""
+    algo(kl_placement="none", aggregation="token-mean", is_cap=1.5, is_high=3.0)
+    exp = experience(trainer, [1.0, 1.0])
+    logp, _ = logits_view(trainer, exp)
+    delta = torch.tensor([[0.2, -0.1], [1.0, 0.0]])
+    exp = exp.replace(old_logp=torch.where(MASK, logp, 0.0),
+                      behavior_logp=torch.where(MASK, logp - delta, 0.0))
+    correction = trainer._correction_now
+    try:
+        trainer._correction_now = "tis"
+        counts = trainer.step_counts(exp)
+        with torch.no_grad():
+            loss, metrics = trainer.policy_loss(exp, counts)
+            # the same micro-batch as half of a step of 6 tokens: its share of each mean
+            _, half = trainer.policy_loss(exp, counts._replace(tokens=6.0))
+        weights = [math.exp(0.2), math.exp(-0.1), 1.5]
+        assert float(loss) == pytest.approx(-sum(weights) / 3, rel=1e-5)
+        assert float(metrics["mismatch/weight_mean"]) == pytest.approx(sum(weights) / 3,
+                                                                        rel=1e-5)
+        assert float(metrics["mismatch/abs_logp_mean"]) == pytest.approx(1.3 / 3, rel=1e-5)
+        assert float(metrics["mismatch/outside"]) == 0.0  # e^1 < is_high 3 (the default 2: 1/3)
+        for key in ("mismatch/weight_mean", "mismatch/abs_logp_mean", "mismatch/k3"):
+            assert float(half[key]) == pytest.approx(float(metrics[key]) / 2, rel=1e-5), key
+        assert float(trainer._mismatch_max) == pytest.approx(1.0, rel=1e-6)
+        trainer._correction_now = "none"  # measured, not corrected
+        with torch.no_grad():
+            loss, metrics = trainer.policy_loss(exp, counts)
+        assert float(loss) == pytest.approx(-1.0, rel=1e-5)
+        assert "mismatch/weight_mean" not in metrics and "mismatch/k3" in metrics
+    finally:
+        trainer._correction_now = correction
+        trainer.__dict__.pop("_mismatch_max", None)

@@ -23,12 +23,15 @@ from tests.trainers.test_rl import rl_config, rows_of
 MASK = torch.tensor([[True, True], [True, False]])
 
 
-@pytest.fixture(scope="module")
-def trainer(arithmetic_dir, arithmetic_sft_model, tmp_path_factory):
-    t = RLTrainer(rl_config(arithmetic_dir, "grpo", tmp_path_factory.mktemp("opts"),
-                            run={"name": "options"}))
+def built(arithmetic_dir, preset, root) -> RLTrainer:
+    t = RLTrainer(rl_config(arithmetic_dir, preset, root, run={"name": f"options-{preset}"}))
     t.build_optimizer()
     return t
+
+
+@pytest.fixture(scope="module")
+def trainer(arithmetic_dir, arithmetic_sft_model, tmp_path_factory):
+    return built(arithmetic_dir, "grpo", tmp_path_factory.mktemp("opts"))
 
 
 @pytest.fixture
@@ -147,6 +150,9 @@ def test_positive_example_lm_loss_is_the_nll_of_the_correct_responses(trainer, a
     expected = 0.1 * -(float(logp[0, 0]) + float(logp[0, 1])) / 2
     assert trainer.step_counts(exp).positive_tokens == 2.0
     assert loss_of(trainer, exp) == pytest.approx(expected, rel=1e-4)
+    one = exp.select(torch.tensor([1])).replace(scores=torch.tensor([1.0]))  # one token
+    assert trainer.step_counts(one).positive_tokens == 1.0
+    assert loss_of(trainer, one) == pytest.approx(-0.1 * float(logp[1, 0]), rel=1e-4)
 
 
 def test_the_policy_losses_clip_numbers_reach_it(trainer, algo):
@@ -246,17 +252,23 @@ def test_bf16_gives_the_float32_policy_loss_and_gradient_to_bf16_precision(train
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
 
 
-def test_value_loss_uses_its_own_aggregation(arithmetic_dir, arithmetic_sft_model, tmp_path):
+@pytest.mark.parametrize(("policy", "value"), [("seq-mean-token-mean", "token-mean"),
+                                               ("token-mean", "seq-mean-token-mean")])
+def test_value_loss_uses_its_own_aggregation(arithmetic_dir, arithmetic_sft_model, tmp_path,
+                                             policy, value):
     t = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path, run={"name": "vagg"},
-                            algo={"value_aggregation": "token-mean", "value_clip": None}))
+                            algo={"aggregation": policy, "value_aggregation": value,
+                                  "value_clip": None}))
     t.build_optimizer()
     exp = experience(t, [0.0, 0.0])
     exp = exp.replace(returns=torch.where(MASK, exp.values + torch.tensor([[1.0, 2.0],
                                                                            [4.0, 0.0]]), 0.0))
     with torch.no_grad():
         loss, _ = t.value_loss(exp, t.step_counts(exp))
-    # ½·(V − Ret)² = ½, 2, 8 per token; token-mean, not the policy's seq-mean-token-mean
-    assert float(loss) == pytest.approx((0.5 + 2.0 + 8.0) / 3, rel=1e-5)
+    # ½·(V − Ret)² = ½, 2, 8 per token, aggregated the value loss's way, not the policy's
+    expected = {"token-mean": (0.5 + 2.0 + 8.0) / 3,
+                "seq-mean-token-mean": ((0.5 + 2.0) / 2 + 8.0) / 2}[value]
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
 
 
 def test_value_loss_clips_at_value_clip(arithmetic_dir, arithmetic_sft_model, tmp_path):
@@ -409,6 +421,11 @@ def test_shape_adds_the_soft_overlong_penalty_and_the_kl_in_the_reward(trainer, 
     rewards = trainer.shape(exp).token_rewards
     assert_close(rewards, torch.tensor([[0.0, 1.0 - 1.5 / cache], [0.5, 0.0]]), atol=1e-6,
                  rtol=0)
+    # a response shorter than where the penalty starts gets no bonus: the overshoot is
+    # clamped at 0 (l_max − 1 tokens free, and both rows are shorter)
+    algo(kl_placement="none", overlong="penalty", overlong_cache=1, overlong_penalty=1.5)
+    rewards = trainer.shape(exp).token_rewards
+    assert_close(rewards, torch.tensor([[0.0, 1.0], [0.5, 0.0]]), atol=1e-6, rtol=0)
     # in the reward: −β·k1(π_old, π_ref) on every token, the score added at the last one;
     # old − ref is [[0.3, −0.2], [0.5, pad]] by construction
     algo(kl_placement="reward")
@@ -417,6 +434,20 @@ def test_shape_adds_the_soft_overlong_penalty_and_the_kl_in_the_reward(trainer, 
     rewards = trainer.shape(exp).token_rewards
     assert_close(rewards, torch.tensor([[-0.3 * beta, 0.2 * beta + 1.0],
                                         [-0.5 * beta + 0.5, 0.0]]), atol=1e-5, rtol=0)
+
+
+def test_an_episodes_turn_rewards_stay_at_their_turns_and_shaping_goes_to_the_end(trainer,
+                                                                                  algo):
+    """Turn rewards (token_scores) at their tokens; the episode's score is their sum, and what
+    shaping changes of it (here the reward clip) is added at the last token."""
+    exp = experience(trainer, [0.0, 0.0], scores=(0.8, 0.2)).replace(
+        token_scores=torch.tensor([[0.3, 0.5], [0.2, 0.0]]))
+    algo(kl_placement="none")
+    assert_close(trainer.shape(exp).token_rewards, torch.tensor([[0.3, 0.5], [0.2, 0.0]]),
+                 atol=1e-6, rtol=0)
+    algo(kl_placement="none", reward_clip=0.6)  # 0.8 → 0.6: the last token gets 0.5 − 0.2
+    assert_close(trainer.shape(exp).token_rewards, torch.tensor([[0.3, 0.3], [0.2, 0.0]]),
+                 atol=1e-6, rtol=0)
 
 
 def test_step_counts_leave_out_empty_rows_and_never_fall_to_zero(trainer):
@@ -444,10 +475,7 @@ def test_the_micro_batches_fit_the_token_budget(trainer):
 
 @pytest.fixture(scope="module")
 def ppo(arithmetic_dir, arithmetic_sft_model, tmp_path_factory):
-    t = RLTrainer(rl_config(arithmetic_dir, "ppo", tmp_path_factory.mktemp("opts_ppo"),
-                            run={"name": "options-ppo"}))
-    t.build_optimizer()
-    return t
+    return built(arithmetic_dir, "ppo", tmp_path_factory.mktemp("opts_ppo"))
 
 
 def gae_by_hand(rewards, values, lengths, gamma, lams):
@@ -534,7 +562,7 @@ def test_on_policy_the_ratio_is_one_whatever_old_logp_says(trainer, algo):
 def test_a_sampling_engines_log_probs_give_mismatch_metrics_and_the_correction(trainer, algo):
     """Engine log-probs μ below π_old by δ: the metrics are token means over the step's
     tokens, and token-level TIS weights each token's surrogate by min(e^δ, C)."""
-    algo(kl_placement="none", aggregation="token-mean", is_cap=1.5, is_high=3.0)
+    algo(kl_placement="none", aggregation="token-mean", is_cap=1.5, is_low=0.95, is_high=3.0)
     exp = experience(trainer, [1.0, 1.0])
     logp, _ = logits_view(trainer, exp)
     delta = torch.tensor([[0.2, -0.1], [1.0, 0.0]])
@@ -553,10 +581,28 @@ def test_a_sampling_engines_log_probs_give_mismatch_metrics_and_the_correction(t
         assert float(metrics["mismatch/weight_mean"]) == pytest.approx(sum(weights) / 3,
                                                                         rel=1e-5)
         assert float(metrics["mismatch/abs_logp_mean"]) == pytest.approx(1.3 / 3, rel=1e-5)
-        assert float(metrics["mismatch/outside"]) == 0.0  # e^1 < is_high 3 (the default 2: 1/3)
+        # π_old/μ = e^δ: e^−0.1 ≈ 0.905 is below is_low 0.95, e ≈ 2.72 inside is_high 3 (with
+        # the defaults 0.5 and 2 it would be the other way round)
+        assert float(metrics["mismatch/outside"]) == pytest.approx(1 / 3, rel=1e-6)
         for key in ("mismatch/weight_mean", "mismatch/abs_logp_mean", "mismatch/k3"):
             assert float(half[key]) == pytest.approx(float(metrics[key]) / 2, rel=1e-5), key
         assert float(trainer._mismatch_max) == pytest.approx(1.0, rel=1e-6)
+        closer = exp.replace(behavior_logp=torch.where(MASK, logp - delta / 4, 0.0))
+        with torch.no_grad():
+            trainer.policy_loss(closer, counts)  # the next micro-batch: the max is the step's
+        assert float(trainer._mismatch_max) == pytest.approx(1.0, rel=1e-6)
+        one = exp.select(torch.tensor([1]))  # a step of one token: its whole mean
+        _, single = trainer.policy_loss(one, trainer.step_counts(one))
+        assert float(single["mismatch/abs_logp_mean"]) == pytest.approx(1.0, rel=1e-6)
+        # OPSM (needs the policy's log-probs and the advantages): a sequence with a negative
+        # advantage whose engine drifted above π_θ (mean log μ − log π_θ = 1 > δ) is dropped
+        trainer._correction_now = "opsm"
+        signed = exp.replace(advantages=torch.where(MASK, torch.tensor([[1.0], [-1.0]]), 0.0),
+                             behavior_logp=torch.where(MASK, logp + torch.tensor(
+                                 [[-0.2, 0.1], [1.0, 0.0]]), 0.0))
+        with torch.no_grad():
+            loss, _ = trainer.policy_loss(signed, counts)
+        assert float(loss) == pytest.approx(-2 / 3, rel=1e-5)  # uncorrected: (−1 − 1 + 1)/3
         trainer._correction_now = "none"  # measured, not corrected
         with torch.no_grad():
             loss, metrics = trainer.policy_loss(exp, counts)
@@ -565,3 +611,46 @@ def test_a_sampling_engines_log_probs_give_mismatch_metrics_and_the_correction(t
     finally:
         trainer._correction_now = correction
         trainer.__dict__.pop("_mismatch_max", None)
+
+
+def test_a_non_finite_update_names_the_step_it_was_making(trainer, monkeypatch):
+    from posttrain.errors import NonFiniteError
+
+    exp = experience(trainer, [float("nan"), 1.0])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    monkeypatch.setattr(trainer, "step", 3)  # steps 1..3 done: this is step 4
+    with pytest.raises(NonFiniteError, match=r"^step 4: "):
+        trainer.update_minibatch(exp)
+    assert all(torch.equal(p, b) for p, b in zip(trainer.model.parameters(), before,
+                                                  strict=True))
+
+
+def test_update_minibatch_steps_the_policy_and_the_critic_on_each_micro_batch(ppo,
+                                                                             monkeypatch):
+    """Both optimiser steps get one job per micro-batch, the mini-batch's counts and the number
+    of the step being made (steps 1..3 done: 4)."""
+    exp = experience(ppo, [1.0, -1.0])
+    exp = exp.replace(returns=torch.where(MASK, exp.values + 1.0, 0.0)).select(
+        torch.tensor([0, 1, 0]))
+    monkeypatch.setattr(ppo, "run", dataclasses.replace(
+        ppo.run, micro_batch_tokens=2 * exp.input_ids.shape[1]))
+    monkeypatch.setattr(ppo, "step", 3)
+    seen = {}
+    for name, acc in ppo.accumulators.items():
+        def step(jobs, number, name=name):
+            seen[name] = ([job() for job in jobs], number)
+            return {f"{name}/m": 1.0}
+        monkeypatch.setattr(acc, "step", step)
+    with torch.no_grad():
+        out = ppo.update_minibatch(exp)
+        counts = ppo.step_counts(exp)  # of the whole mini-batch, not of each micro-batch
+        parts = [exp.select(torch.tensor([0, 1])), exp.select(torch.tensor([2]))]
+        policy = [ppo.policy_loss(mb, counts) for mb in parts]
+        value = [ppo.value_loss(mb, counts) for mb in parts]
+    assert out == {"model/m": 1.0, "critic/m": 1.0}
+    assert set(seen) == {"model", "critic"}
+    for name, expected in (("model", policy), ("critic", value)):
+        results, number = seen[name]
+        assert number == 4, name
+        assert [float(loss) for loss, _ in results] == pytest.approx(
+            [float(loss) for loss, _ in expected], rel=1e-6), name

@@ -175,9 +175,9 @@ def test_grpo_moves_the_guessing_games_opening_toward_the_middle(pipeline_root, 
         return sum(a * v for a, v in zip(p, scores, strict=True)) / sum(p)
 
     assert all(sum(p) > 0.99 for p in (before, after))  # the first turn is a number in 1..n
-    # Measured at task seeds 0, 1, 2: opening score 0.482 -> 0.506, 0.484 -> 0.517,
-    # 0.486 -> 0.509 (random 0.483, the best 0.547); the ends (1 and 8) 0.25 -> 0.07, 0.24 ->
-    # 0.08, 0.23 -> 0.13; sampled turns per episode fell by 0.10-0.16 at each.
+    # Measured at seeds 0, 1, 2 (scripts/measure_results.py guess_opening, docs/results.md):
+    # opening score 0.482 -> 0.506, 0.484 -> 0.509, 0.486 -> 0.508 (random 0.483, the best
+    # 0.547); the ends (1 and 8) 0.25 -> 0.07, 0.24 -> 0.10, 0.23 -> 0.08.
     assert abs(expected(before) - sum(scores) / n) < 0.01, before  # SFT opens at random
     assert expected(after) > expected(before) + 0.015, (before, after)
     assert after[0] + after[-1] < 0.7 * (before[0] + before[-1]), (before, after)

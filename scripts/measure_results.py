@@ -150,10 +150,12 @@ def mean_sd(values: list[float], fmt: str = ".3f") -> str:
     return f"{statistics.fmean(values):{fmt}} ± {sd:{fmt.lstrip('+')}}"
 
 
-def sft_stage(workdir: Path, task: str) -> None:
+def sft_stage(workdir: Path, task: str, overrides: dict | None = None) -> None:
     """Train the task's SFT stage in `workdir` now, if it is not there yet (the pipeline
-    would otherwise train it inside the first run that needs it)."""
-    code = f"from posttrain import pipeline; pipeline.ensure_sft(pipeline.ensure_task({task!r}))"
+    would otherwise train it inside the first run that needs it), with `overrides` of its
+    config."""
+    code = (f"from posttrain import pipeline; "
+            f"pipeline.ensure_sft(pipeline.ensure_task({task!r}), {overrides!r})")
     env = {**os.environ, "POSTTRAIN_TASKS": str(workdir / "runs" / "tasks")}
     subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, check=True,
                    capture_output=True)
@@ -626,11 +628,8 @@ def guess_opening(workdir: Path, seeds: list[int]) -> None:
             run(["tasks", "make", "guess", "--out", str(task), "--seed", str(seed), "--option",
                  f"max_number={n}", "--option", f"max_turns={turns}", "--option",
                  "n_sft=2000"], d, progress=False)
-        code = ("from posttrain import pipeline; pipeline.ensure_sft(pipeline.ensure_task("
-                "'guess'), {'run': {'steps': 300, 'eval_every': 0, 'progress': 'none'}})")
+        sft_stage(d, "guess", {"run": {"steps": 300, "eval_every": 0, "progress": "none"}})
         env = {**os.environ, "POSTTRAIN_TASKS": str(d / "runs" / "tasks")}
-        subprocess.run([sys.executable, "-c", code], cwd=d, env=env, check=True,
-                       capture_output=True)
         wall = run(["rl", "--preset", "grpo", "--task", "guess", "--run.seed", str(seed),
                     "--run.steps", "20", "--run.eval_every", "20", "--optim.lr", "1e-3",
                     "--eval.prompts", "64", "--eval.samples_per_prompt", "2",
